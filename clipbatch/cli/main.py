@@ -1,0 +1,62 @@
+"""Argument parsing and dispatch; each subcommand lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from clipbatch import __version__
+from clipbatch.errors import ClipbatchError
+
+# Each entry: (module, help). A module exposes add_arguments(parser) and run(args) -> int.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("clipbatch.cli.demo", "embed a built-in synthetic dataset offline, end to end"),
+    "run": ("clipbatch.cli.run", "embed a dataset (S3, any fsspec URL, or a local path)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(
+        prog="clipbatch", description="Embed image+caption datasets with CLIP."
+    )
+    parser.add_argument("--version", action="version", version=f"clipbatch {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show Prefect and library logs"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # The temporary local server must not try to phone home from offline machines.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if not args.verbose:
+        # Users see our summary, not every task-state line; -v brings them back.
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    else:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    run: Callable[[argparse.Namespace], int] = args._run
+    try:
+        return run(args)
+    except ClipbatchError as e:
+        print(f"clipbatch: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("clipbatch: interrupted; committed shards are kept, rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

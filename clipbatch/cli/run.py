@@ -1,0 +1,93 @@
+"""``clipbatch run``: the embedding flow on real data, from flags or ``--config run.yaml``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from clipbatch.config import EmbedConfig, build_config, load_config
+from clipbatch.errors import ConfigError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (EmbedConfig); flags override it")
+    p.add_argument(
+        "--source", help="dataset URL, e.g. s3://bucket/laion/ or 's3://b/{00000..00099}.tar'"
+    )
+    p.add_argument("--dest", help="output URL for the Parquet table")
+    p.add_argument("--source-kind", choices=["auto", "webdataset", "folder", "table"])
+    p.add_argument("--model", help="ViT-B/32, tiny, a checkpoint path or s3:// URI")
+    p.add_argument("--checkpoint-sha256", help="expected checkpoint sha256")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--shard-concurrency", type=int, help="shards encoded at once")
+    p.add_argument("--decode-workers", type=int)
+    p.add_argument("--preprocess", choices=["exact", "fast"])
+    p.add_argument("--dtype", choices=["float16", "float32"], help="embedding storage dtype")
+    p.add_argument("--max-error-ratio", type=float)
+    p.add_argument(
+        "--overwrite", action="store_true", default=None, help="redo shards even if done"
+    )
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint for source, sink and model")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config field by dotted path, e.g. --set runtime.max_image_pixels=50000000",
+    )
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> EmbedConfig:
+    overrides: dict[str, Any] = {
+        "source.url": args.source,
+        "source.kind": args.source_kind,
+        "sink.url": args.dest,
+        "model.name": args.model,
+        "model.checkpoint_sha256": args.checkpoint_sha256,
+        "runtime.device": args.device,
+        "runtime.precision": args.precision,
+        "runtime.batch_size": args.batch_size,
+        "runtime.shard_concurrency": args.shard_concurrency,
+        "runtime.decode_workers": args.decode_workers,
+        "runtime.preprocess": args.preprocess,
+        "runtime.max_error_ratio": args.max_error_ratio,
+        "sink.dtype": args.dtype,
+        "sink.overwrite": args.overwrite,
+    }
+    if args.endpoint_url:
+        for part in ("source", "sink", "model"):
+            overrides[f"{part}.storage.endpoint_url"] = args.endpoint_url
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except ValueError:
+            overrides[key] = value
+    if args.config:
+        return load_config(args.config, overrides)
+    if not args.source or not args.dest:
+        raise ConfigError("give --source and --dest, or --config run.yaml")
+    return build_config({}, overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from clipbatch.cli.execute import execute, print_summary
+
+    config = config_from_args(args)
+    summary, error = execute(config, progress=not args.no_progress and sys.stderr.isatty())
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print_summary(summary)
+    if error:
+        print(f"clipbatch: {error}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,236 @@
+"""Validated configuration: one model, split into source, model, runtime and sink parts.
+
+The same :class:`EmbedConfig` is the Prefect flow parameter (the UI renders it as a
+form), loads from YAML, and is built by the CLI. Below the flow each function takes
+only the part it needs. Credentials never live here: they come from the environment,
+an AWS profile, or a Prefect Secret block named by ``credentials_block``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from clipbatch.errors import ConfigError
+
+SourceKind = Literal["auto", "webdataset", "folder", "table"]
+
+# Keys that would carry secrets inside fsspec storage options. We refuse them in
+# parameters because Prefect stores flow parameters in plain text.
+_SECRET_OPTION_KEYS = {
+    "key",
+    "secret",
+    "token",
+    "password",
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "aws_session_token",
+    "session_token",
+    "account_key",
+    "sas_token",
+    "client_secret",
+}
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class StorageOptions(_Frozen):
+    """How to reach object storage. Secrets come from the environment or a profile."""
+
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000 for MinIO."
+    )
+    profile: str | None = Field(None, description="AWS profile name from ~/.aws/config.")
+    region: str | None = Field(None, description="Object store region.")
+    anon: bool = Field(False, description="Anonymous access (public buckets).")
+    extra: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Further fsspec options (non-secret), passed through as-is.",
+    )
+
+    @field_validator("extra")
+    @classmethod
+    def _no_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
+        leaked = _SECRET_OPTION_KEYS.intersection(k.lower() for k in value)
+        if leaked:
+            raise ValueError(
+                f"storage option(s) {sorted(leaked)} look like credentials; parameters are "
+                "stored in plain text, so pass credentials through the environment "
+                "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY), an AWS profile, or a Prefect block"
+            )
+        return value
+
+    def fsspec_kwargs(self, protocol: str) -> dict[str, Any]:
+        """Translate to the keyword arguments fsspec's filesystem for ``protocol`` takes."""
+        kwargs: dict[str, Any] = dict(self.extra)
+        if protocol in ("s3", "s3a"):
+            client_kwargs = dict(kwargs.pop("client_kwargs", {}))
+            if self.endpoint_url:
+                kwargs["endpoint_url"] = self.endpoint_url
+            if self.region:
+                client_kwargs["region_name"] = self.region
+            if self.profile:
+                kwargs["profile"] = self.profile
+            if self.anon:
+                kwargs["anon"] = True
+            if client_kwargs:
+                kwargs["client_kwargs"] = client_kwargs
+        elif self.anon:
+            kwargs["anon"] = True
+        return kwargs
+
+
+class SourceConfig(_Frozen):
+    """Where the images and captions come from (design.md §1)."""
+
+    url: str = Field(
+        ...,
+        description="Dataset URL: s3://bucket/prefix/, a local folder, a file, a glob, or a "
+        "brace pattern such as s3://b/laion/{00000..00099}.tar",
+        min_length=1,
+    )
+    kind: SourceKind = Field("auto", description="Source layout; 'auto' detects it from the URL.")
+    image_exts: tuple[str, ...] = Field(
+        ("jpg", "jpeg", "png", "webp"), description="Image member extensions, in priority order."
+    )
+    caption_ext: str = Field("txt", description="Caption member extension (webdataset, folder).")
+    caption_json_field: str | None = Field(
+        None, description="Read the caption from this field of the .json member instead."
+    )
+    image_column: str = Field("image", description="Image column (table sources).")
+    caption_column: str | None = Field("caption", description="Caption column (table sources).")
+    key_column: str | None = Field(None, description="Key column (table sources).")
+    folder_shard_size: int = Field(
+        10_000, ge=1, le=10_000_000, description="Images per shard for folder sources."
+    )
+    storage: StorageOptions = Field(default_factory=StorageOptions)
+
+
+class ModelConfig(_Frozen):
+    """Which CLIP to run. The model name and the caption limit came from the services' config."""
+
+    name: str = Field(
+        "ViT-B/32",
+        description="A clip model name (ViT-B/32, ...), 'tiny' for the built-in checkpoint, "
+        "a local checkpoint path, or an object-store URI (s3://...).",
+        min_length=1,
+    )
+    checkpoint_sha256: str | None = Field(
+        None,
+        description="Expected sha256 of the checkpoint file; loading fails when it differs.",
+        pattern=r"^[0-9a-f]{64}$",
+    )
+    max_caption_tokens: int = Field(
+        77, ge=2, le=77, description="Captions are tokenised and truncated to this many tokens."
+    )
+    storage: StorageOptions = Field(default_factory=StorageOptions)
+
+
+class RuntimeConfig(_Frozen):
+    """How to run: device, batching, concurrency, error budget."""
+
+    device: str = Field(
+        "auto",
+        description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'.",
+        pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$",
+    )
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="'auto' is fp16 on CUDA and fp32 on the CPU."
+    )
+    batch_size: int = Field(256, ge=1, le=65_536, description="Images per forward pass.")
+    decode_workers: int = Field(
+        0, ge=0, le=256, description="Decode/preprocess threads; 0 picks one per core."
+    )
+    shard_concurrency: int = Field(
+        1, ge=1, le=64, description="Shards encoded at once in one process (bounded task runner)."
+    )
+    preprocess: Literal["exact", "fast"] = Field(
+        "exact",
+        description="'exact' matches the model's own preprocessing; 'fast' uses JPEG draft "
+        "decoding and trades a little fidelity for speed.",
+    )
+    max_image_pixels: int = Field(
+        89_478_485,
+        ge=1,
+        description="Images with more pixels are rejected from the header (decompression bombs).",
+    )
+    max_error_ratio: float = Field(
+        1.0, ge=0.0, le=1.0, description="Fail a shard whose failed-row ratio exceeds this."
+    )
+    task_retries: int = Field(3, ge=0, le=20, description="Task retries on transient errors.")
+    retry_delay_seconds: float = Field(
+        2.0, ge=0.0, le=600.0, description="Base delay for exponential task retry backoff."
+    )
+
+
+class SinkConfig(_Frozen):
+    """Where and how the embedding table is written (design.md §2-3)."""
+
+    url: str = Field(..., description="Destination URL for the Parquet table.", min_length=1)
+    dtype: Literal["float16", "float32"] = Field("float16", description="Embedding storage dtype.")
+    normalize: bool = Field(True, description="L2-normalise embeddings.")
+    overwrite: bool = Field(False, description="Redo shards even when their fingerprint matches.")
+    row_group_size: int = Field(4096, ge=64, le=1_000_000, description="Rows per row group.")
+    storage: StorageOptions = Field(default_factory=StorageOptions)
+
+
+class EmbedConfig(_Frozen):
+    """Everything one embedding run needs; the flow's one parameter."""
+
+    source: SourceConfig
+    sink: SinkConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        # Accept {"source": "s3://...", "dest": "s3://..."} as well as the full form, so a
+        # YAML file or `--params` can stay short.
+        if isinstance(data, dict):
+            data = dict(data)
+            if isinstance(data.get("source"), str):
+                data["source"] = {"url": data["source"]}
+            if "dest" in data and "sink" not in data:
+                dest = data.pop("dest")
+                data["sink"] = {"url": dest} if isinstance(dest, str) else dest
+            if isinstance(data.get("sink"), str):
+                data["sink"] = {"url": data["sink"]}
+            if isinstance(data.get("model"), str):
+                data["model"] = {"name": data["model"]}
+        return data
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> EmbedConfig:
+    """Load an :class:`EmbedConfig` from YAML, applying dotted-key ``overrides`` on top."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path} must be a mapping, got {type(raw).__name__}")
+    return build_config(raw, overrides)
+
+
+def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> EmbedConfig:
+    """Validate a raw mapping plus dotted overrides (``runtime.batch_size=64``)."""
+    data = EmbedConfig._shorthand(raw)  # normalise shorthand before merging overrides
+    data = copy.deepcopy(data)
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    try:
+        return EmbedConfig.model_validate(data)
+    except ValueError as e:
+        raise ConfigError(f"invalid configuration:\n{e}") from e

@@ -1,0 +1,119 @@
+"""Decode image bytes and do the per-image part of the model's preprocessing, in uint8.
+
+The model's reference transform is Resize(n_px, bicubic) -> CenterCrop(n_px) -> RGB ->
+ToTensor -> Normalize. Resize and crop must happen per image; ToTensor and Normalize
+are a batched multiply-add, done later on the device (:mod:`clipbatch.encode`). Resize
+and crop here call the same torchvision functions on the same PIL image, so the
+result is bit-identical to the reference ("exact" mode).
+
+Every failure becomes a row status: nothing here raises for bad data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from clipbatch.records import DECODE_ERROR, MISSING_IMAGE, OK, TOO_LARGE, PreparedSample, RawSample
+
+log = logging.getLogger(__name__)
+
+# We enforce our own pixel limit from the header before decoding; PIL's global limit
+# would raise for a different threshold (and warn below it), so switch it off.
+Image.MAX_IMAGE_PIXELS = None
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    n_px: int
+    mode: str = "exact"  # exact | fast
+    max_pixels: int = 89_478_485
+
+
+def prepare(raw: RawSample, opts: DecodeOptions) -> PreparedSample:
+    """Decode ``raw.image_bytes`` into a uint8 HxWx3 array at the model resolution."""
+    out = PreparedSample(raw=raw)
+    data = raw.image_bytes
+    if data is None:
+        if raw.status == OK and raw.has_image_field:
+            raw.status, raw.error = MISSING_IMAGE, "no image bytes"
+        return out
+    out.image_sha256 = hashlib.sha256(data).digest()
+    if not raw.keeps_image():
+        return out
+    try:
+        pixels, width, height = decode_to_pixels(data, opts)
+    except _TooLarge as e:
+        _fail(raw, TOO_LARGE, str(e))
+        return out
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a row status, by design
+        _fail(raw, DECODE_ERROR, _describe(e, data))
+        return out
+    out.pixels, out.width, out.height = pixels, width, height
+    return out
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def decode_to_pixels(data: bytes, opts: DecodeOptions) -> tuple[np.ndarray, int, int]:
+    if not data:
+        raise ValueError("zero-byte image")
+    with Image.open(io.BytesIO(data)) as img:
+        width, height = img.size
+        if width * height > opts.max_pixels:
+            raise _TooLarge(
+                f"{width}x{height} = {width * height:,} pixels exceeds max_image_pixels "
+                f"{opts.max_pixels:,} (checked from the header, not decoded)"
+            )
+        if opts.mode == "fast" and img.format == "JPEG":
+            # DCT-domain downscaling: decode at 1/2, 1/4 or 1/8 scale, never below n_px.
+            img.draft("RGB", (opts.n_px, opts.n_px))
+        img.load()
+        oriented = ImageOps.exif_transpose(img)
+        width, height = oriented.size if oriented is not None else img.size
+        rgb = to_rgb(oriented if oriented is not None else img)
+    resized = TF.resize(rgb, opts.n_px, interpolation=InterpolationMode.BICUBIC)
+    cropped = TF.center_crop(resized, opts.n_px)
+    return np.asarray(cropped, dtype=np.uint8), width, height
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB for any mode: 16-bit scaled (not clipped), alpha composited on white, CMYK converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.uint32 if img.mode == "I" else np.uint16)
+        peak = 65535 if arr.max(initial=0) > 255 else 255
+        arr8 = (arr.astype(np.float32) * (255.0 / peak)).round().clip(0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode != "RGB":
+        return img.convert("RGB")
+    return img
+
+
+def _fail(raw: RawSample, status: str, error: str) -> None:
+    # A caption problem recorded earlier is less important than an unusable image.
+    raw.status, raw.error = status, error
+
+
+def _describe(e: Exception, data: bytes) -> str:
+    if isinstance(e, UnidentifiedImageError):
+        head = data[:16]
+        kind = "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "unknown binary"
+        return f"not an image ({kind} content, {len(data):,} bytes)"
+    return f"{type(e).__name__}: {e}"

@@ -1,0 +1,161 @@
+"""Batched CLIP encoding: images from uint8 batches, captions from tokens.
+
+- Images arrive as uint8 NxHxWx3 (resized and cropped per image). ToTensor and
+  Normalize happen here, batched, on the device.
+- Text is encoded only up to the longest caption in the batch. CLIP's text tower is
+  causal and reads the feature at the end-of-text token, so padding after it cannot
+  change the result; trimming gives identical embeddings at a fraction of the
+  77-token cost (design.md §8; proven in tests/test_encode.py).
+- A CUDA out-of-memory halves the batch and retries it (design.md §5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from clipbatch.model import LoadedModel
+
+log = logging.getLogger(__name__)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+class ClipEncoder:
+    """Encodes image and caption batches with one loaded model."""
+
+    def __init__(self, loaded: LoadedModel, batch_size: int, context_tokens: int = 77) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.device = torch.device(loaded.device)
+        self.batch_size = batch_size
+        self.context_tokens = min(context_tokens, loaded.context_length)
+        self._mean = torch.tensor(CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(CLIP_STD, device=self.device).view(1, 3, 1, 1)
+        self._autocast = loaded.dtype == torch.bfloat16
+        self._pin = self.device.type == "cuda"
+        from clip.simple_tokenizer import SimpleTokenizer
+
+        self._tokenizer = SimpleTokenizer()
+        self._sot = self._tokenizer.encoder["<|startoftext|>"]
+        self._eot = self._tokenizer.encoder["<|endoftext|>"]
+
+    # -- images ----------------------------------------------------------------
+    def pixels_to_input(self, pixels: np.ndarray) -> torch.Tensor:
+        """uint8 NxHxWx3 -> normalised float NCHW on the device (ToTensor+Normalize, batched)."""
+        t = torch.from_numpy(pixels)
+        if self._pin:
+            t = t.pin_memory()
+        t = t.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        # The same ops, in the same order, as ToTensor + Normalize: bit-identical inputs.
+        return t.sub_(self._mean).div_(self._std)
+
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        """Unnormalised float32 image embeddings for a uint8 NxHxWx3 batch."""
+        if len(pixels) == 0:
+            return np.zeros((0, self.loaded.embed_dim), np.float32)
+        return self._with_oom_backoff(
+            pixels, lambda chunk: self.model.encode_image(self.pixels_to_input(chunk))
+        )
+
+    # -- text ------------------------------------------------------------------
+    def tokenize(self, captions: Sequence[str]) -> tuple[torch.Tensor, list[bool]]:
+        """Tokens padded to the longest caption (<= context), and which were truncated."""
+        ctx = self.context_tokens
+        rows, truncated = [], []
+        for text in captions:
+            ids = [self._sot, *self._tokenizer.encode(text), self._eot]
+            if len(ids) > ctx:
+                ids = ids[:ctx]
+                ids[-1] = self._eot
+                truncated.append(True)
+            else:
+                truncated.append(False)
+            rows.append(ids)
+        width = max((len(r) for r in rows), default=2)
+        tokens = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, ids in enumerate(rows):
+            tokens[i, : len(ids)] = torch.tensor(ids)
+        return tokens, truncated
+
+    def encode_texts(self, captions: Sequence[str]) -> tuple[np.ndarray, list[bool]]:
+        """Unnormalised float32 text embeddings, and truncation flags."""
+        tokens, truncated = self.tokenize(captions)
+        if len(captions) == 0:
+            return np.zeros((0, self.loaded.embed_dim), np.float32), truncated
+        emb = self._with_oom_backoff(
+            tokens, lambda chunk: encode_text_trimmed(self.model, chunk.to(self.device))
+        )
+        return emb, truncated
+
+    # -- shared ----------------------------------------------------------------
+    def _with_oom_backoff(self, batch: np.ndarray | torch.Tensor, forward: Callable) -> np.ndarray:
+        outputs: list[np.ndarray] = []
+        step = self.batch_size
+        start = 0
+        while start < len(batch):
+            chunk = batch[start : start + step]
+            try:
+                with self._inference():
+                    out = forward(chunk)
+                outputs.append(out.float().cpu().numpy())
+                start += len(chunk)
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                if not is_oom(e) or step == 1:
+                    raise
+                step = max(1, step // 2)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                log.warning(
+                    "out of memory at batch %d; retrying this batch at %d", len(chunk), step
+                )
+                self.batch_size = step  # keep the smaller size for later batches too
+        return np.concatenate(outputs, axis=0)
+
+    def _inference(self) -> contextlib.AbstractContextManager:
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        if self._autocast:
+            stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
+        return stack
+
+
+def encode_text_trimmed(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """``model.encode_text`` for tokens of any length <= context, without padding to 77.
+
+    Slices the positional embedding and the causal mask to the batch's length. Each
+    residual block is run by hand with the sliced mask instead of mutating the
+    block's stored 77x77 mask, so this is safe to call from several threads.
+    """
+    length = tokens.shape[1]
+    dtype = model.dtype
+    x = model.token_embedding(tokens).type(dtype)
+    x = x + model.positional_embedding[:length].type(dtype)
+    x = x.permute(1, 0, 2)  # NLD -> LND
+    for block in model.transformer.resblocks:
+        mask = block.attn_mask
+        if mask is not None:
+            mask = mask[:length, :length].to(dtype=x.dtype, device=x.device)
+        h = block.ln_1(x)
+        x = x + block.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+        x = x + block.mlp(block.ln_2(x))
+    x = x.permute(1, 0, 2)
+    x = model.ln_final(x).type(dtype)
+    # The end-of-text token has the largest id, so argmax finds its position.
+    return (
+        x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)] @ model.text_projection
+    )
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)

@@ -1,0 +1,158 @@
+"""Typed records passed between the pipeline stages.
+
+reader -> :class:`RawSample` -> decode/preprocess -> :class:`PreparedSample`
+-> encode -> :class:`EncodedBatch` -> sink. Row statuses are stable codes
+(design.md §3): once a row has a non-ok status it still flows to the sink, with
+null embeddings, so every input row yields exactly one output row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# Stable per-row status codes. Add new ones at the end; never rename.
+OK = "ok"
+DECODE_ERROR = "decode_error"
+MISSING_IMAGE = "missing_image"
+MISSING_CAPTION = "missing_caption"
+EMPTY_CAPTION = "empty_caption"
+CAPTION_DECODE_ERROR = "caption_decode_error"
+TOO_LARGE = "too_large"
+FETCH_ERROR = "fetch_error"
+DUPLICATE_KEY = "duplicate_key"
+UNSAFE_PATH = "unsafe_path"
+SHARD_DAMAGED = "shard_damaged"
+ENCODE_ERROR = "encode_error"
+
+# A row with a caption problem still carries its image embedding, and a row with an
+# image problem still carries its text embedding: the status says what is missing.
+IMAGE_KEEPING_STATUSES = frozenset({OK, MISSING_CAPTION, EMPTY_CAPTION, CAPTION_DECODE_ERROR})
+CAPTION_KEEPING_STATUSES = frozenset({MISSING_IMAGE, DECODE_ERROR, TOO_LARGE, FETCH_ERROR})
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One unit of work, retry and commit (design.md §1)."""
+
+    uri: str  # the shard object's URI (for folder shards, the folder URI)
+    name: str  # output stem: {dest}/{name}.parquet
+    kind: str  # webdataset | folder | table
+    version: str  # ETag / version id / size+mtime; for folder slices a hash of members
+    members: tuple[str, ...] = ()  # folder slices: the member URIs in this shard
+    sidecar_uri: str | None = None  # webdataset: sibling img2dataset .parquet
+    row_range: tuple[int, int] | None = None  # table: [start, stop) rows, None = all
+    base_uri: str | None = None  # table: where relative image paths resolve
+
+
+@dataclass
+class RawSample:
+    """One input row as read, before any decoding."""
+
+    key: str
+    source_member: str
+    image_bytes: bytes | None = None
+    caption: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    status: str = OK
+    error: str | None = None
+    image_uri: str | None = None  # table rows whose image must still be fetched
+    has_caption_field: bool = True  # False in image-only datasets: no caption expected
+    has_image_field: bool = True  # False in caption-only datasets: no image expected
+
+    def keeps_image(self) -> bool:
+        """Whether this row still gets an image embedding despite its status."""
+        return self.status in IMAGE_KEEPING_STATUSES
+
+    def keeps_caption(self) -> bool:
+        """Whether this row still gets a text embedding despite its status."""
+        return self.status == OK or self.status in CAPTION_KEEPING_STATUSES
+
+
+@dataclass
+class PreparedSample:
+    """A row after decode and per-image preprocessing (uint8 HxWx3, model resolution)."""
+
+    raw: RawSample
+    pixels: np.ndarray | None = None
+    width: int | None = None
+    height: int | None = None
+    image_sha256: bytes | None = None
+    caption_truncated: bool = False
+
+
+@dataclass
+class EncodedBatch:
+    """Rows with their embeddings (None where the row has no image/caption)."""
+
+    rows: list[PreparedSample]
+    image_embeddings: list[np.ndarray | None]
+    text_embeddings: list[np.ndarray | None]
+
+
+@dataclass
+class StageTimings:
+    """Seconds spent per stage, summed over workers (clip-retrieval style)."""
+
+    read: float = 0.0
+    decode: float = 0.0
+    encode: float = 0.0
+    write: float = 0.0
+
+    def add(self, other: StageTimings) -> None:
+        self.read += other.read
+        self.decode += other.decode
+        self.encode += other.encode
+        self.write += other.write
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "read": round(self.read, 4),
+            "decode": round(self.decode, 4),
+            "encode": round(self.encode, 4),
+            "write": round(self.write, 4),
+        }
+
+
+@dataclass
+class ShardResult:
+    """What one shard produced; the task's return value and the summary's row."""
+
+    shard: str
+    output_uri: str
+    status: str  # committed | skipped | failed
+    rows: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    timings: StageTimings = field(default_factory=StageTimings)
+    fingerprint: str = ""
+    source_uri: str = ""
+    source_version: str = ""
+    sha256: str | None = None  # checksum of the committed file
+    error: str | None = None
+
+    @property
+    def ok_rows(self) -> int:
+        return self.counts.get(OK, 0)
+
+    @property
+    def failed_rows(self) -> int:
+        return self.rows - self.ok_rows
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "shard": self.shard,
+            "output_uri": self.output_uri,
+            "status": self.status,
+            "rows": self.rows,
+            "counts": dict(self.counts),
+            "seconds": round(self.seconds, 4),
+            "timings": self.timings.as_dict(),
+            "fingerprint": self.fingerprint,
+            "source_uri": self.source_uri,
+            "source_version": self.source_version,
+            "sha256": self.sha256,
+            "error": self.error,
+        }

@@ -1,0 +1,252 @@
+"""The Parquet sink and its commit protocol (design.md §2).
+
+A shard is written to a local temp file as row groups stream in, then staged at
+``{dest}/_tmp/{run_id}/{name}.parquet``, verified (row count, schema, fingerprint),
+and moved to ``{dest}/{name}.parquet``: a rename on local disk, a server-side copy
+then delete on object stores. ``_manifest.json`` is updated last. A reader never
+sees a half-written shard, and a rerun writes the same name, never a second copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clipbatch.config import SinkConfig
+from clipbatch.errors import ShardVerificationError
+from clipbatch.records import OK, PreparedSample
+from clipbatch.storage import get_fs, is_local_fs, join, move, remove_quietly, with_retries
+from clipbatch.table import build_schema, decode_metadata, encode_metadata
+
+log = logging.getLogger(__name__)
+
+TMP_DIR = "_tmp"
+
+
+def output_uri(dest: str, name: str) -> str:
+    return join(dest, f"{name}.parquet")
+
+
+def staging_uri(dest: str, run_id: str, name: str) -> str:
+    return join(dest, TMP_DIR, run_id, f"{name}.parquet")
+
+
+@dataclass
+class RowBlock:
+    """Rows ready to write, with embeddings already normalised and cast."""
+
+    rows: list[PreparedSample]
+    image_embeddings: np.ndarray | None  # (n, D) with NaN rows where absent, or None
+    text_embeddings: np.ndarray | None
+    has_image: np.ndarray  # bool mask
+    has_text: np.ndarray
+    truncated: list[bool]
+
+
+class ShardWriter:
+    """Streams row groups of one shard into a local temp file, then commits it."""
+
+    def __init__(
+        self,
+        sink: SinkConfig,
+        name: str,
+        run_id: str,
+        dim: int,
+        passthrough: list[pa.Field],
+        source_uri: str,
+        source_version: str,
+    ) -> None:
+        self.sink = sink
+        self.name = name
+        self.run_id = run_id
+        self.dim = dim
+        self.schema = build_schema(dim, sink.dtype, passthrough)
+        self.passthrough = [f for f in self.schema if f.name in {p.name for p in passthrough}]
+        self.source_uri = source_uri
+        self.source_version = source_version
+        self.rows = 0
+        self.counts: dict[str, int] = {}
+        fd, self._local = tempfile.mkstemp(prefix=f"clipbatch-{name}-", suffix=".parquet")
+        os.close(fd)
+        self._writer = pq.ParquetWriter(self._local, self.schema, compression="zstd")
+        self._np_dtype = np.float16 if sink.dtype == "float16" else np.float32
+
+    # -- writing ---------------------------------------------------------------
+    def write(self, block: RowBlock) -> None:
+        n = len(block.rows)
+        if n == 0:
+            return
+        cols: dict[str, Any] = {
+            "key": [r.raw.key for r in block.rows],
+            "source_uri": [self.source_uri] * n,
+            "source_member": [r.raw.source_member for r in block.rows],
+            "source_version": [self.source_version] * n,
+            "caption": [r.raw.caption for r in block.rows],
+            "caption_truncated": [
+                (t if r.raw.caption is not None else None)
+                for r, t in zip(block.rows, block.truncated, strict=True)
+            ],
+            "image_sha256": [r.image_sha256 for r in block.rows],
+            "width": [r.width for r in block.rows],
+            "height": [r.height for r in block.rows],
+            "status": [r.raw.status for r in block.rows],
+            "error": [r.raw.error for r in block.rows],
+        }
+        img = self._embedding_array(block.image_embeddings, block.has_image, n)
+        txt = self._embedding_array(block.text_embeddings, block.has_text, n)
+        cols["image_embedding"] = img
+        cols["text_embedding"] = txt
+        cols["similarity"] = self._similarity(block)
+        for field in self.passthrough:
+            cols[field.name] = [r.raw.extra.get(field.name) for r in block.rows]
+        arrays = []
+        for field in self.schema:
+            value = cols[field.name]
+            arrays.append(
+                value if isinstance(value, pa.Array) else pa.array(value, type=field.type)
+            )
+        table = pa.Table.from_arrays(arrays, schema=self.schema)
+        self._writer.write_table(table, row_group_size=self.sink.row_group_size)
+        self.rows += n
+        for r in block.rows:
+            self.counts[r.raw.status] = self.counts.get(r.raw.status, 0) + 1
+
+    def _embedding_array(self, emb: np.ndarray | None, mask: np.ndarray, n: int) -> pa.Array:
+        typ = self.schema.field("image_embedding").type
+        if emb is None or not mask.any():
+            return pa.nulls(n, type=typ)
+        values = pa.array(np.ascontiguousarray(emb, dtype=self._np_dtype).reshape(-1))
+        arr = pa.FixedSizeListArray.from_arrays(values, self.dim)
+        return (
+            pa.FixedSizeListArray.from_arrays(values, self.dim, mask=pa.array(~mask))
+            if not mask.all()
+            else arr
+        )
+
+    def _similarity(self, block: RowBlock) -> pa.Array:
+        n = len(block.rows)
+        both = block.has_image & block.has_text
+        if block.image_embeddings is None or block.text_embeddings is None or not both.any():
+            return pa.nulls(n, type=pa.float32())
+        a = block.image_embeddings.astype(np.float32)
+        b = block.text_embeddings.astype(np.float32)
+        sim = (a * b).sum(1) / np.maximum(
+            np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12
+        )
+        return pa.array(sim.astype(np.float32), mask=~both)
+
+    # -- committing ------------------------------------------------------------
+    def close_and_commit(self, metadata: dict[str, Any], fingerprint: str) -> tuple[str, str]:
+        """Finish the file, stage, verify and move it. Returns (final uri, file sha256)."""
+        metadata = {
+            **metadata,
+            "fingerprint": fingerprint,
+            "rows": self.rows,
+            "counts": dict(self.counts),
+        }
+        self._writer.add_key_value_metadata(encode_metadata(metadata))
+        self._writer.close()
+        try:
+            sha = _file_sha256(self._local)
+            verify_parquet(self._local, None, self.rows, self.schema, fingerprint)
+            final = output_uri(self.sink.url, self.name)
+            staged = staging_uri(self.sink.url, self.run_id, self.name)
+            fs, staged_path = get_fs(staged, self.sink.storage)
+            _, final_path = get_fs(final, self.sink.storage)
+            if is_local_fs(fs):
+                os.makedirs(os.path.dirname(staged_path), exist_ok=True)
+                with open(self._local, "rb") as src, open(staged_path, "wb") as dst:
+                    _copy(src, dst)
+                    dst.flush()
+                    os.fsync(dst.fileno())
+            else:
+                with_retries(lambda: fs.put_file(self._local, staged_path), f"upload {staged}")
+            verify_parquet(staged_path, fs, self.rows, self.schema, fingerprint)
+            move(fs, staged_path, final_path)
+            return final, sha
+        finally:
+            self.discard_local()
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):  # best effort on an error path
+            self._writer.close()
+        self.discard_local()
+
+    def discard_local(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self._local)
+
+
+def verify_parquet(path: str, fs: Any, rows: int, schema: pa.Schema, fingerprint: str) -> None:
+    """Check a written file's row count, schema and fingerprint from its footer."""
+    try:
+        meta = with_retries(lambda: pq.read_metadata(path, filesystem=fs), f"read footer {path}")
+    except Exception as e:
+        raise ShardVerificationError(f"staged file {path} is unreadable: {e}") from e
+    if meta.num_rows != rows:
+        raise ShardVerificationError(
+            f"staged file {path} has {meta.num_rows} rows, expected {rows}"
+        )
+    written = meta.schema.to_arrow_schema()
+    if not written.remove_metadata().equals(schema.remove_metadata()):
+        raise ShardVerificationError(f"staged file {path} has schema {written}, expected {schema}")
+    got = decode_metadata(meta.metadata) or {}
+    if got.get("fingerprint") != fingerprint:
+        raise ShardVerificationError(
+            f"staged file {path} carries fingerprint {got.get('fingerprint')}"
+        )
+
+
+def read_file_metadata(uri: str, storage: Any = None) -> dict[str, Any] | None:
+    """The ``clipbatch`` metadata of a committed file, or None if absent/unreadable."""
+    fs, path = get_fs(uri, storage)
+    try:
+        meta = with_retries(lambda: pq.read_metadata(path, filesystem=fs), f"read footer {uri}")
+    except FileNotFoundError:
+        return None
+    except (OSError, pa.ArrowInvalid) as e:
+        log.warning("cannot read metadata of %s: %s", uri, e)
+        return None
+    return decode_metadata(meta.metadata)
+
+
+def clean_staging(sink: SinkConfig, keep_run: str | None = None) -> int:
+    """Remove ``_tmp/`` left by crashed runs. Returns how many run folders were removed."""
+    fs, root = get_fs(join(sink.url, TMP_DIR), sink.storage)
+    try:
+        entries = with_retries(lambda: fs.ls(root, detail=False), f"list {root}")
+    except FileNotFoundError:
+        return 0
+    removed = 0
+    for entry in entries:
+        if keep_run and entry.rstrip("/").endswith(f"/{keep_run}"):
+            continue
+        remove_quietly(fs, entry, recursive=True)
+        removed += 1
+    return removed
+
+
+def ok_count(counts: dict[str, int]) -> int:
+    return counts.get(OK, 0)
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _copy(src: Any, dst: Any) -> None:
+    for chunk in iter(lambda: src.read(1 << 20), b""):
+        dst.write(chunk)

@@ -1,0 +1,38 @@
+"""Guess the source kind from the URL, and ask for --source-kind when it is ambiguous."""
+
+from __future__ import annotations
+
+from clipbatch.config import SourceConfig
+from clipbatch.errors import ConfigError
+from clipbatch.sources.listing import expand_braces, list_files
+from clipbatch.storage import get_fs
+
+TABLE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson", ".json.gz", ".jsonl.gz", ".csv.gz")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def detect_kind(source: SourceConfig) -> str:
+    url = source.url
+    first = expand_braces(url)[0].lower().rstrip("/")
+    if first.endswith(TAR_SUFFIXES):
+        return "webdataset"
+    if first.endswith(TABLE_SUFFIXES):
+        return "table"
+    fs, path = get_fs(url, source.storage)
+    files = [p.lower() for p, _ in list_files(fs, path, (), recursive=True)]
+    has_tar = any(p.endswith(TAR_SUFFIXES) for p in files)
+    images = tuple(f".{e.lower()}" for e in source.image_exts)
+    has_images = any(p.endswith(images) for p in files)
+    # img2dataset writes NNNNN.parquet beside NNNNN.tar: those are sidecars, not a table.
+    has_tables = any(p.endswith(TABLE_SUFFIXES) for p in files)
+    if has_tar and not has_images:
+        return "webdataset"
+    if has_images and not has_tar:
+        return "folder"
+    if has_tables and not has_tar and not has_images:
+        return "table"
+    found = "nothing" if not files else "a mix of tar shards, images and tables"
+    raise ConfigError(
+        f"cannot tell the source kind of {url!r} (found {found}); "
+        "pass --source-kind webdataset|folder|table (source.kind in YAML)"
+    )

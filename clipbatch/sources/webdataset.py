@@ -1,0 +1,299 @@
+"""WebDataset tar shards, as img2dataset writes them (design.md §1).
+
+A shard is one ``NNNNN.tar``; members sharing a key (the basename up to its first
+dot) form one row: ``{key}.jpg|jpeg|png|webp``, ``{key}.txt``, ``{key}.json``. The tar
+is streamed, so memory does not grow with shard size. A sibling ``NNNNN.parquet``
+(img2dataset's per-shard table) is joined by key, never by row order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import tarfile
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clipbatch.config import SourceConfig
+from clipbatch.records import (
+    CAPTION_DECODE_ERROR,
+    DUPLICATE_KEY,
+    MISSING_CAPTION,
+    MISSING_IMAGE,
+    OK,
+    SHARD_DAMAGED,
+    UNSAFE_PATH,
+    RawSample,
+    ShardSpec,
+)
+from clipbatch.sources.detect import TAR_SUFFIXES
+from clipbatch.sources.listing import list_files
+from clipbatch.sources.text import decode_caption
+from clipbatch.storage import get_fs, object_version, to_uri, with_retries
+
+log = logging.getLogger(__name__)
+
+# Columns of ours that a sidecar could collide with; sidecar columns of the same name
+# are passed through with a "source_" prefix so neither is lost.
+RESERVED_COLUMNS = {
+    "key",
+    "source_uri",
+    "source_member",
+    "source_version",
+    "caption",
+    "image_sha256",
+    "width",
+    "height",
+    "status",
+    "error",
+    "image_embedding",
+    "text_embedding",
+    "similarity",
+    "caption_truncated",
+    "json",
+}
+SIDECAR_SKIP = {"key", "caption"}  # the key joins; the caption comes from the tar member
+_READ_BLOCK = 8 * 1024 * 1024
+
+
+def stem_and_ext(name: str) -> tuple[str, str]:
+    """WebDataset convention: the key is the path up to the first dot of the basename."""
+    directory, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return (posixpath.join(directory, stem) if directory else stem), ext.lower()
+
+
+def is_unsafe(name: str) -> bool:
+    return name.startswith("/") or ".." in name.split("/") or "\\" in name
+
+
+def sidecar_name(field: str) -> str:
+    return f"source_{field}" if field in RESERVED_COLUMNS else field
+
+
+class WebDatasetReader:
+    kind = "webdataset"
+
+    def __init__(self, source: SourceConfig) -> None:
+        self.source = source
+        self.image_exts = tuple(e.lower().lstrip(".") for e in source.image_exts)
+        self.caption_ext = source.caption_ext.lower().lstrip(".")
+
+    # -- listing ---------------------------------------------------------------
+    def list_shards(self) -> list[ShardSpec]:
+        fs, path = get_fs(self.source.url, self.source.storage)
+        files = list_files(fs, path, (), recursive=True)
+        by_path = dict(files)
+        shards = []
+        for p, info in files:
+            if not p.lower().endswith(TAR_SUFFIXES):
+                continue
+            stem = p.rsplit("/", 1)[-1]
+            for suffix in TAR_SUFFIXES:
+                if stem.lower().endswith(suffix):
+                    stem = stem[: -len(suffix)]
+                    break
+            base = p[: -len(p.rsplit("/", 1)[-1])]
+            sidecar = f"{base}{stem}.parquet"
+            if sidecar not in by_path:
+                try:
+                    with_retries(lambda s=sidecar: fs.info(s), f"stat {sidecar}")
+                except FileNotFoundError:
+                    sidecar = None
+            version = object_version(fs, p, info)
+            shards.append(
+                ShardSpec(
+                    uri=to_uri(fs, p),
+                    name=stem,
+                    kind=self.kind,
+                    version=version,
+                    sidecar_uri=to_uri(fs, sidecar) if sidecar else None,
+                )
+            )
+        _check_unique_names(shards)
+        return shards
+
+    # -- schema ----------------------------------------------------------------
+    def passthrough_fields(self, shard: ShardSpec) -> list[pa.Field]:
+        fields = [pa.field("json", pa.string())]
+        if shard.sidecar_uri:
+            fs, path = get_fs(shard.sidecar_uri, self.source.storage)
+            schema = with_retries(lambda: pq.read_schema(path, filesystem=fs), f"read {path}")
+            fields += [
+                pa.field(sidecar_name(f.name), f.type)
+                for f in schema
+                if f.name not in SIDECAR_SKIP and not f.name.startswith("__")
+            ]
+        return fields
+
+    def _sidecar_rows(self, shard: ShardSpec) -> dict[str, dict[str, Any]]:
+        if not shard.sidecar_uri:
+            return {}
+        fs, path = get_fs(shard.sidecar_uri, self.source.storage)
+        table = with_retries(lambda: pq.read_table(path, filesystem=fs), f"read {path}")
+        if "key" not in table.column_names:
+            log.warning("sidecar %s has no 'key' column; not joined", shard.sidecar_uri)
+            return {}
+        rows: dict[str, dict[str, Any]] = {}
+        for row in table.to_pylist():
+            key = str(row.pop("key"))
+            rows[key] = {
+                sidecar_name(k): v
+                for k, v in row.items()
+                if k not in SIDECAR_SKIP and not k.startswith("__")
+            }
+        return rows
+
+    # -- reading ---------------------------------------------------------------
+    def read(self, shard: ShardSpec) -> Iterator[RawSample]:
+        sidecar = self._sidecar_rows(shard)
+        fs, path = get_fs(shard.uri, self.source.storage)
+        seen: dict[str, int] = {}
+        group_key: str | None = None
+        group: dict[str, bytes] = {}
+        group_unsafe: list[str] = []
+
+        def flush() -> Iterator[RawSample]:
+            if group_key is None:
+                return
+            yield from self._make_rows(group_key, group, group_unsafe, seen, sidecar)
+
+        with with_retries(lambda: fs.open(path, "rb", block_size=_READ_BLOCK), f"open {path}") as f:
+            mode = "r|gz" if path.lower().endswith((".gz", ".tgz")) else "r|"
+            try:
+                tar = tarfile.open(fileobj=f, mode=mode)  # noqa: SIM115 - a stream, closed with f
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, ext = stem_and_ext(member.name)
+                    if key != group_key:
+                        yield from flush()
+                        group_key, group, group_unsafe = key, {}, []
+                    if is_unsafe(member.name):
+                        # Never extracted or written anywhere: we only record the name.
+                        group_unsafe.append(member.name)
+                        continue
+                    data = tar.extractfile(member)
+                    group[ext] = data.read() if data is not None else b""
+                yield from flush()
+            except (tarfile.TarError, EOFError, OSError) as e:
+                from clipbatch.errors import is_transient
+
+                if is_transient(e):
+                    raise  # a network fault mid-stream: the task retries the whole shard
+                yield from flush()
+                yield RawSample(
+                    key=f"{shard.name}/__damaged__",
+                    source_member="",
+                    status=SHARD_DAMAGED,
+                    error=f"tar stream is damaged after {sum(seen.values())} rows: {type(e).__name__}: {e}",
+                    has_caption_field=False,
+                )
+        # Rows listed by the sidecar but absent from the tar (img2dataset failed downloads)
+        for key in sorted(set(sidecar) - set(seen)):
+            yield RawSample(
+                key=key,
+                source_member="",
+                status=MISSING_IMAGE,
+                error=f"listed in {shard.sidecar_uri} but not in the tar",
+                extra=dict(sidecar[key]),
+            )
+
+    def _make_rows(
+        self,
+        key: str,
+        group: dict[str, bytes],
+        unsafe: list[str],
+        seen: dict[str, int],
+        sidecar: dict[str, dict[str, Any]],
+    ) -> Iterator[RawSample]:
+        count = seen.get(key, 0)
+        seen[key] = count + 1
+        row_key = key if count == 0 else f"{key}#dup{count}"
+        extra: dict[str, Any] = dict(sidecar.get(key, {}))
+        if unsafe and not group:
+            yield RawSample(
+                key=row_key,
+                source_member=unsafe[0],
+                status=UNSAFE_PATH,
+                error=f"tar member path escapes the shard: {unsafe[0]!r} (not extracted)",
+                extra=extra,
+                has_caption_field=False,
+            )
+            return
+        sample = RawSample(key=row_key, source_member=key, extra=extra)
+        json_bytes = group.get("json")
+        meta: dict[str, Any] | None = None
+        if json_bytes is not None:
+            try:
+                meta = json.loads(json_bytes)
+                extra["json"] = json.dumps(meta, sort_keys=True, ensure_ascii=False)
+            except (ValueError, UnicodeDecodeError):
+                extra["json"] = json_bytes.decode("utf-8", "replace")
+        for ext in self.image_exts:
+            if ext in group:
+                sample.image_bytes = group[ext]
+                break
+        self._set_caption(sample, group, meta)
+        if sample.image_bytes is None:
+            sample.status, sample.error = (
+                MISSING_IMAGE,
+                _missing_image_reason(group, self.image_exts),
+            )
+        if unsafe:
+            sample.status, sample.error = (
+                UNSAFE_PATH,
+                f"tar member path escapes the shard: {unsafe[0]!r} (not extracted)",
+            )
+        if count:
+            sample.status, sample.error = (
+                DUPLICATE_KEY,
+                f"key {key!r} appears {count + 1} times in the shard",
+            )
+        yield sample
+
+    def _set_caption(
+        self, sample: RawSample, group: dict[str, bytes], meta: dict[str, Any] | None
+    ) -> None:
+        field = self.source.caption_json_field
+        if field:
+            value = meta.get(field) if isinstance(meta, dict) else None
+            if value is None:
+                sample.status, sample.error = (
+                    MISSING_CAPTION,
+                    f"no {field!r} field in {sample.source_member}.json",
+                )
+                return
+            sample.caption, problem = decode_caption(str(value).encode("utf-8"))
+        elif self.caption_ext in group:
+            sample.caption, problem = decode_caption(group[self.caption_ext])
+        else:
+            sample.status, sample.error = MISSING_CAPTION, f"no .{self.caption_ext} member"
+            return
+        if problem:
+            sample.status, sample.error = problem
+
+
+def _missing_image_reason(group: dict[str, bytes], exts: tuple[str, ...]) -> str:
+    present = sorted(group)
+    return f"no image member ({'/'.join(exts)}); members present: {', '.join(present) or 'none'}"
+
+
+def _check_unique_names(shards: list[ShardSpec]) -> None:
+    from clipbatch.errors import ConfigError
+
+    names: dict[str, str] = {}
+    for s in shards:
+        if s.name in names:
+            raise ConfigError(
+                f"two shards map to the same output name {s.name!r}: {names[s.name]} and {s.uri}; "
+                "point the source at one folder of shards"
+            )
+        names[s.name] = s.uri
+
+
+__all__ = ["WebDatasetReader", "CAPTION_DECODE_ERROR", "OK"]

@@ -1,0 +1,171 @@
+"""Object-storage access over fsspec: filesystems, versions, retries, atomic writes.
+
+Every I/O call that can fail transiently goes through :func:`with_retries`, which
+backs off exponentially with full jitter and retries only what :func:`is_transient`
+says may succeed. Secrets never pass through here as arguments: s3fs/botocore read
+them from the environment or a profile.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from clipbatch.config import StorageOptions
+from clipbatch.errors import ConfigError, TransientIOError, is_transient
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+LOCAL_PROTOCOLS = {"file", "local"}
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 5
+    base_delay: float = 0.2
+    max_delay: float = 10.0
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+def with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy = DEFAULT_RETRY) -> T:
+    """Call ``fn``; retry transient failures with exponential backoff and full jitter."""
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return fn()
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            if attempt == policy.attempts:
+                raise TransientIOError(
+                    f"{what}: still failing after {attempt} attempts: {e}"
+                ) from e
+            delay = random.uniform(0, min(policy.max_delay, policy.base_delay * 2**attempt))
+            log.warning(
+                "%s failed (%s: %s); retry %d in %.2fs", what, type(e).__name__, e, attempt, delay
+            )
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def protocol_of(url: str) -> str:
+    if "://" not in url:
+        return "file"
+    return url.split("://", 1)[0].lower()
+
+
+def is_local(url: str) -> bool:
+    return protocol_of(url) in LOCAL_PROTOCOLS
+
+
+def get_fs(
+    url: str, storage: StorageOptions | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Filesystem and path for ``url``; raises :class:`ConfigError` on unknown schemes."""
+    storage = storage or StorageOptions()
+    try:
+        fs, path = url_to_fs(url, **storage.fsspec_kwargs(protocol_of(url)))
+    except (ImportError, ValueError) as e:
+        raise ConfigError(f"cannot open {url!r}: {e}") from e
+    return fs, path
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URL parts with '/', keeping the scheme."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A full URI for ``path`` on ``fs`` (fsspec drops the scheme from paths)."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in LOCAL_PROTOCOLS:
+        return os.path.abspath(path)
+    return f"{protocol}://{path}"
+
+
+def object_version(
+    fs: fsspec.AbstractFileSystem, path: str, info: dict[str, Any] | None = None
+) -> str:
+    """A version string for an object: version id or ETag on stores, size+mtime locally."""
+    info = info if info is not None else with_retries(lambda: fs.info(path), f"stat {path}")
+    for key in ("VersionId", "version_id", "generation"):
+        if info.get(key):
+            return f"{key.lower()}:{info[key]}"
+    for key in ("ETag", "etag", "md5Hash"):
+        if info.get(key):
+            return f"etag:{str(info[key]).strip(chr(34))}"
+    mtime = (
+        info.get("mtime")
+        or info.get("LastModified")
+        or info.get("last_modified")
+        or info.get("created")
+    )
+    if hasattr(mtime, "timestamp"):
+        mtime = mtime.timestamp()
+    return f"size:{info.get('size')}:mtime:{mtime}"
+
+
+def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    return with_retries(lambda: fs.cat_file(path), f"read {path}")
+
+
+def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write so that readers see the old content or the new one, never a partial file.
+
+    Local: write a sibling temp file then rename (atomic on POSIX). Object stores:
+    a single PUT is atomic already.
+    """
+    if _is_local_fs(fs):
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return
+    with_retries(lambda: fs.pipe_file(path, data), f"write {path}")
+
+
+def move(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
+    """Move a staged file into place: rename locally, copy then delete on stores."""
+    if _is_local_fs(fs):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.replace(src, dst)
+        return
+    # A server-side copy is atomic for readers of dst: they see all of it or nothing.
+    with_retries(lambda: fs.copy(src, dst), f"copy {src} -> {dst}")
+    remove_quietly(fs, src)
+
+
+def remove_quietly(fs: fsspec.AbstractFileSystem, path: str, recursive: bool = False) -> None:
+    try:
+        with_retries(lambda: fs.rm(path, recursive=recursive), f"remove {path}")
+    except FileNotFoundError:
+        pass
+    except Exception as e:  # cleaning staging is best effort; a later run retries it
+        log.warning("could not remove %s: %s", path, e)
+
+
+def _is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in LOCAL_PROTOCOLS
+
+
+def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
+    return _is_local_fs(fs)
