@@ -70,6 +70,9 @@ class StorageOptions(_Frozen):
         """Translate to the keyword arguments fsspec's filesystem for ``protocol`` takes."""
         kwargs: dict[str, Any] = dict(self.extra)
         if protocol in ("s3", "s3a"):
+            # Listings decide what is done and what to skip; a cached listing from an
+            # earlier run in the same process would be stale.
+            kwargs.setdefault("use_listings_cache", False)
             client_kwargs = dict(kwargs.pop("client_kwargs", {}))
             if self.endpoint_url:
                 kwargs["endpoint_url"] = self.endpoint_url

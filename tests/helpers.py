@@ -1,0 +1,52 @@
+"""Test helpers: read tables back, and compute reference embeddings with stock clip calls."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clipbatch.config import StorageOptions
+from clipbatch.storage import get_fs
+
+
+def read_table(dest: str, endpoint: str | None = None) -> tuple[pa.Table, list[str]]:
+    """All shard files under ``dest`` (not bookkeeping), concatenated; and their names."""
+    fs, path = get_fs(dest, StorageOptions(endpoint_url=endpoint))
+    files = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith("_"))
+    tables = [pq.read_table(p, filesystem=fs) for p in files]
+    return pa.concat_tables(tables), [p.rsplit("/", 1)[-1] for p in files]
+
+
+def tar_samples(paths: list[Path]) -> dict[str, dict[str, bytes]]:
+    """key -> {ext: bytes} for every member of the given tars."""
+    out: dict[str, dict[str, bytes]] = {}
+    for p in paths:
+        with tarfile.open(p) as tar:
+            for m in tar:
+                key, _, ext = m.name.partition(".")
+                out.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return out
+
+
+def reference_embeddings(model, preprocess, image_bytes: bytes, caption: str) -> tuple[np.ndarray, np.ndarray]:
+    """Stock clip: model.encode_image(preprocess(img)), model.encode_text(clip.tokenize(caption))."""
+    import clip
+    import torch
+    from PIL import Image
+
+    with torch.no_grad():
+        img = preprocess(Image.open(io.BytesIO(image_bytes))).unsqueeze(0)
+        i = model.encode_image(img).float().numpy()[0]
+        t = model.encode_text(clip.tokenize([caption], truncate=True)).float().numpy()[0]
+    return i / np.linalg.norm(i), t / np.linalg.norm(t)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
