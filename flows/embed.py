@@ -18,10 +18,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
 from clipbatch.config import EmbedConfig
+from clipbatch.observe import Observers
 from clipbatch.plan import plan_shards
 from clipbatch.records import ShardResult, ShardSpec
 from clipbatch.sink import clean_staging
 from clipbatch.summary import RunFailedError, RunSummary
+from flows.observers import make_observers
 from tasks.encode import encode_shard
 
 # Shards in flight are bounded by config.runtime.shard_concurrency (a sliding window
@@ -57,6 +59,10 @@ def embed_dataset(config: EmbedConfig) -> dict[str, Any]:
     if removed:
         logger.info("removed %d stale staging folder(s) under %s/_tmp", removed, config.sink.url)
     plan = plan_shards(config)
+    observers = make_observers(config, {**meta, "run_id": run_id})
+    observers.run_started(plan)
+    for skipped in plan.skipped:
+        observers.shard_finished(skipped)
     logger.info(
         "%d shard(s): %d to encode, %d already done (model %s, sha256 %s…)",
         len(plan.shards),
@@ -70,7 +76,13 @@ def embed_dataset(config: EmbedConfig) -> dict[str, Any]:
         retry_delay_seconds=exponential_backoff(backoff_factor=config.runtime.retry_delay_seconds),
     )
     start = time.perf_counter()
-    results = _run_windowed(task, plan.todo, config, run_id, plan.fingerprints, meta)
+    try:
+        results = _run_windowed(task, plan.todo, config, run_id, plan.fingerprints, meta, observers)
+    except BaseException as e:  # crashed or cancelled: lineage still says how far it got
+        observers.run_finished(
+            RunSummary(dest=config.sink.url, run_id=run_id, results=plan.skipped), e
+        )
+        raise
     summary = RunSummary(dest=config.sink.url, run_id=run_id, results=plan.skipped + results)
     summary.seconds = time.perf_counter() - start
     logger.info(
@@ -82,8 +94,10 @@ def embed_dataset(config: EmbedConfig) -> dict[str, Any]:
         summary.ok_rows(),
         summary.images_per_second(),
     )
-    if summary.failed:
-        raise RunFailedError(summary)
+    error = RunFailedError(summary) if summary.failed else None
+    observers.run_finished(summary, error)
+    if error:
+        raise error
     return summary.to_dict()
 
 
@@ -94,6 +108,7 @@ def _run_windowed(
     run_id: str,
     fingerprints: dict[str, str],
     meta: dict[str, Any],
+    observers: Observers,
 ) -> list[ShardResult]:
     """Submit shards with at most ``shard_concurrency`` in flight; collect every outcome."""
     window = config.runtime.shard_concurrency

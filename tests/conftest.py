@@ -21,7 +21,9 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.pop("AWS_PROFILE", None)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("CLIPBATCH_CACHE", str(Path(__file__).parent.parent / ".pytest_cache" / "clipbatch"))
+os.environ.setdefault(
+    "CLIPBATCH_CACHE", str(Path(__file__).parent.parent / ".pytest_cache" / "clipbatch")
+)
 
 
 # moto's werkzeug server logs every request at INFO; keep test output readable.

@@ -17,7 +17,11 @@ from clipbatch.storage import get_fs
 def read_table(dest: str, endpoint: str | None = None) -> tuple[pa.Table, list[str]]:
     """All shard files under ``dest`` (not bookkeeping), concatenated; and their names."""
     fs, path = get_fs(dest, StorageOptions(endpoint_url=endpoint))
-    files = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith("_"))
+    files = sorted(
+        p
+        for p in fs.ls(path, detail=False)
+        if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith("_")
+    )
     tables = [pq.read_table(p, filesystem=fs) for p in files]
     return pa.concat_tables(tables), [p.rsplit("/", 1)[-1] for p in files]
 
@@ -33,7 +37,9 @@ def tar_samples(paths: list[Path]) -> dict[str, dict[str, bytes]]:
     return out
 
 
-def reference_embeddings(model, preprocess, image_bytes: bytes, caption: str) -> tuple[np.ndarray, np.ndarray]:
+def reference_embeddings(
+    model, preprocess, image_bytes: bytes, caption: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Stock clip: model.encode_image(preprocess(img)), model.encode_text(clip.tokenize(caption))."""
     import clip
     import torch

@@ -62,7 +62,9 @@ def test_flow_embeds_webdataset_from_s3(prefect_harness, s3_dataset, s3_bucket, 
     for row in rows:
         sample = samples[row["key"]]
         assert row["caption"] == sample["txt"].decode()
-        ref_img, ref_txt = reference_embeddings(loaded.model, loaded.preprocess, sample["jpg"], row["caption"])
+        ref_img, ref_txt = reference_embeddings(
+            loaded.model, loaded.preprocess, sample["jpg"], row["caption"]
+        )
         img = np.asarray(row["image_embedding"], np.float32)
         txt = np.asarray(row["text_embedding"], np.float32)
         assert cosine(img, ref_img) > 0.999
@@ -80,10 +82,14 @@ def test_flow_embeds_webdataset_from_s3(prefect_harness, s3_dataset, s3_bucket, 
         assert pa.types.is_fixed_size_list(typ) and typ.list_size == 64
         assert typ.value_type == pa.float16()
     assert schema.field("image_sha256").type == pa.binary(32)
-    assert schema.field("width").type == pa.int32() and schema.field("similarity").type == pa.float32()
+    assert (
+        schema.field("width").type == pa.int32() and schema.field("similarity").type == pa.float32()
+    )
     assert not schema.field("key").nullable
     fs, path = get_fs(dest, config.sink.storage)
-    meta = json.loads(pq.read_metadata(f"{path}/00001.parquet", filesystem=fs).metadata[METADATA_KEY])
+    meta = json.loads(
+        pq.read_metadata(f"{path}/00001.parquet", filesystem=fs).metadata[METADATA_KEY]
+    )
     assert meta["model"]["checkpoint_sha256"] == loaded.checkpoint.sha256
     assert meta["model"]["embed_dim"] == 64
     assert meta["dtype"] == "float16" and meta["normalized"] is True

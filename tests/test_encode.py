@@ -23,7 +23,12 @@ def tiny():
 
 def test_trimmed_text_equals_stock_encode_text():
     loaded = tiny()
-    captions = ["a red circle", "a small blue square on the left of a striped white background", "many words " * 60, ""]
+    captions = [
+        "a red circle",
+        "a small blue square on the left of a striped white background",
+        "many words " * 60,
+        "",
+    ]
     stock_tokens = clip.tokenize(captions, truncate=True)
     with torch.no_grad():
         stock = loaded.model.encode_text(stock_tokens)
