@@ -100,17 +100,55 @@ class SourceConfig(_Frozen):
     )
     kind: SourceKind = Field("auto", description="Source layout; 'auto' detects it from the URL.")
     image_exts: tuple[str, ...] = Field(
-        ("jpg", "jpeg", "png", "webp"), description="Image member extensions, in priority order."
+        ("jpg", "jpeg", "png", "webp"),
+        description="Image member extensions, in priority order (webdataset, folder). "
+        "Empty for a caption-only dataset.",
     )
-    caption_ext: str = Field("txt", description="Caption member extension (webdataset, folder).")
+    caption_ext: str | None = Field(
+        "txt",
+        description="Caption member extension (webdataset, folder); null for an image-only "
+        "dataset, whose rows are then never 'missing_caption'.",
+    )
     caption_json_field: str | None = Field(
         None, description="Read the caption from this field of the .json member instead."
     )
-    image_column: str = Field("image", description="Image column (table sources).")
-    caption_column: str | None = Field("caption", description="Caption column (table sources).")
-    key_column: str | None = Field(None, description="Key column (table sources).")
+    image_column: str | None = Field(
+        "image",
+        description="Image column (table sources): a relative path, an s3:// or other fsspec "
+        "URI, an http(s):// URL, bytes, or a Hugging Face {bytes, path} struct. Null for a "
+        "caption-only table.",
+    )
+    caption_column: str | None = Field(
+        "caption", description="Caption column (table sources); null for an image-only table."
+    )
+    key_column: str | None = Field(
+        None, description="Key column (table sources); without it the key is {shard}/{row}."
+    )
+    image_base_url: str | None = Field(
+        None,
+        description="Where relative image paths in a table resolve; default the table "
+        "file's own folder.",
+    )
     folder_shard_size: int = Field(
         10_000, ge=1, le=10_000_000, description="Images per shard for folder sources."
+    )
+    table_shard_rows: int | None = Field(
+        None,
+        ge=1,
+        description="Split Parquet tables into shards of about this many rows, at row-group "
+        "boundaries; null keeps one shard per file.",
+    )
+    fetch_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="Timeout per image fetch (table URLs and objects)."
+    )
+    fetch_retries: int = Field(
+        2, ge=0, le=10, description="Retries of a fetch that failed transiently (timeout, 5xx)."
+    )
+    fetch_concurrency: int = Field(
+        16, ge=1, le=256, description="Image fetches in flight at once, per shard."
+    )
+    fetch_max_bytes: int = Field(
+        64 * 1024 * 1024, ge=1, description="Fetched images larger than this are 'too_large'."
     )
     storage: StorageOptions = Field(default_factory=StorageOptions)
 

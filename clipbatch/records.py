@@ -26,11 +26,15 @@ DUPLICATE_KEY = "duplicate_key"
 UNSAFE_PATH = "unsafe_path"
 SHARD_DAMAGED = "shard_damaged"
 ENCODE_ERROR = "encode_error"
+NOT_FOUND = "not_found"  # a referenced object or URL does not exist (missing key, HTTP 404/410)
+BAD_ROW = "bad_row"  # a table row that cannot be parsed (malformed JSONL line, ragged CSV row)
 
 # A row with a caption problem still carries its image embedding, and a row with an
 # image problem still carries its text embedding: the status says what is missing.
 IMAGE_KEEPING_STATUSES = frozenset({OK, MISSING_CAPTION, EMPTY_CAPTION, CAPTION_DECODE_ERROR})
-CAPTION_KEEPING_STATUSES = frozenset({MISSING_IMAGE, DECODE_ERROR, TOO_LARGE, FETCH_ERROR})
+CAPTION_KEEPING_STATUSES = frozenset(
+    {MISSING_IMAGE, DECODE_ERROR, TOO_LARGE, FETCH_ERROR, NOT_FOUND}
+)
 
 
 @dataclass(frozen=True)

@@ -20,18 +20,25 @@ def detect_kind(source: SourceConfig) -> str:
         return "table"
     fs, path = get_fs(url, source.storage)
     files = [p.lower() for p, _ in list_files(fs, path, (), recursive=True)]
-    has_tar = any(p.endswith(TAR_SUFFIXES) for p in files)
+    tars = sum(p.endswith(TAR_SUFFIXES) for p in files)
     images = tuple(f".{e.lower()}" for e in source.image_exts)
-    has_images = any(p.endswith(images) for p in files)
+    n_images = sum(p.endswith(images) for p in files) if images else 0
     # img2dataset writes NNNNN.parquet beside NNNNN.tar: those are sidecars, not a table.
-    has_tables = any(p.endswith(TABLE_SUFFIXES) for p in files)
-    if has_tar and not has_images:
+    tables = sum(p.endswith(TABLE_SUFFIXES) for p in files)
+    if tars and not n_images:
         return "webdataset"
-    if has_images and not has_tar:
+    if n_images and not tars and not tables:
         return "folder"
-    if has_tables and not has_tar and not has_images:
+    if tables and not tars and not n_images:
         return "table"
-    found = "nothing" if not files else "a mix of tar shards, images and tables"
+    if not files:
+        found = "no files"
+    else:
+        found = ", ".join(
+            f"{n} {what}"
+            for n, what in ((tars, "tar shard(s)"), (n_images, "image(s)"), (tables, "table file(s)"))
+            if n
+        ) or f"{len(files)} file(s) of no known kind"
     raise ConfigError(
         f"cannot tell the source kind of {url!r} (found {found}); "
         "pass --source-kind webdataset|folder|table (source.kind in YAML)"

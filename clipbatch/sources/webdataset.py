@@ -81,7 +81,9 @@ class WebDatasetReader:
     def __init__(self, source: SourceConfig) -> None:
         self.source = source
         self.image_exts = tuple(e.lower().lstrip(".") for e in source.image_exts)
-        self.caption_ext = source.caption_ext.lower().lstrip(".")
+        # None: an image-only dataset; an empty image_exts: a caption-only one.
+        self.caption_ext = source.caption_ext.lower().lstrip(".") if source.caption_ext else None
+        self.has_captions = self.caption_ext is not None or bool(source.caption_json_field)
 
     # -- listing ---------------------------------------------------------------
     def list_shards(self) -> list[ShardSpec]:
@@ -180,6 +182,8 @@ class WebDatasetReader:
                     data = tar.extractfile(member)
                     group[ext] = data.read() if data is not None else b""
                 yield from flush()
+                group_key = None  # flushed: the damage path below must not flush it again
+                _check_end_of_archive(tar)
             except (tarfile.TarError, EOFError, OSError) as e:
                 from clipbatch.errors import is_transient
 
@@ -225,7 +229,13 @@ class WebDatasetReader:
                 has_caption_field=False,
             )
             return
-        sample = RawSample(key=row_key, source_member=key, extra=extra)
+        sample = RawSample(
+            key=row_key,
+            source_member=key,
+            extra=extra,
+            has_caption_field=self.has_captions,
+            has_image_field=bool(self.image_exts),
+        )
         json_bytes = group.get("json")
         meta: dict[str, Any] | None = None
         if json_bytes is not None:
@@ -239,7 +249,7 @@ class WebDatasetReader:
                 sample.image_bytes = group[ext]
                 break
         self._set_caption(sample, group, meta)
-        if sample.image_bytes is None:
+        if sample.image_bytes is None and self.image_exts:
             sample.status, sample.error = (
                 MISSING_IMAGE,
                 _missing_image_reason(group, self.image_exts),
@@ -269,6 +279,8 @@ class WebDatasetReader:
                 )
                 return
             sample.caption, problem = decode_caption(str(value).encode("utf-8"))
+        elif self.caption_ext is None:
+            return  # image-only dataset: no caption expected
         elif self.caption_ext in group:
             sample.caption, problem = decode_caption(group[self.caption_ext])
         else:
@@ -276,6 +288,29 @@ class WebDatasetReader:
             return
         if problem:
             sample.status, sample.error = problem
+
+
+def _check_end_of_archive(tar: tarfile.TarFile) -> None:
+    """Raise when the stream did not end cleanly.
+
+    In stream mode tarfile stops *silently* at an invalid header mid-file or at a cut
+    between members, which would drop every later row unnoticed. A clean archive ends
+    with a zero block followed by at least one more zero block and nothing else.
+    """
+    rest = 0
+    while True:
+        chunk = tar.fileobj.read(1 << 20)
+        if not chunk:
+            break
+        if chunk.count(0) != len(chunk):
+            raise tarfile.ReadError(
+                f"invalid tar header at offset {tar.offset:,}; the data after it was not read"
+            )
+        rest += len(chunk)
+    if rest < tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(
+            f"the tar stops at offset {tar.offset:,} without its end-of-archive marker (truncated)"
+        )
 
 
 def _missing_image_reason(group: dict[str, bytes], exts: tuple[str, ...]) -> str:

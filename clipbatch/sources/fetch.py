@@ -1,0 +1,133 @@
+"""Fetch referenced images concurrently: http(s) URLs and fsspec objects (s3://, paths).
+
+Used by the table and folder readers. A fetch never raises for a bad reference: it
+returns a row status. Transient failures (timeouts, connection resets, HTTP 408/429/5xx,
+throttling) are retried a bounded number of times with jittered backoff; a missing
+object or an HTTP 404/410 is ``not_found`` at once; everything else is ``fetch_error``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from clipbatch.config import SourceConfig
+from clipbatch.errors import ConfigError, is_transient
+from clipbatch.records import FETCH_ERROR, NOT_FOUND, TOO_LARGE
+from clipbatch.storage import get_fs
+
+log = logging.getLogger(__name__)
+
+_USER_AGENT = "clipbatch/0.1 (+https://github.com/clipbatch)"
+_BACKOFF_BASE_S = 0.2
+
+
+@dataclass
+class Fetched:
+    """The bytes of one reference, or the status and reason it has none."""
+
+    data: bytes | None = None
+    status: str | None = None
+    error: str | None = None
+
+
+class _NotFound(Exception):
+    pass
+
+
+class _TooBig(Exception):
+    pass
+
+
+def is_url(ref: str) -> bool:
+    return ref.lower().startswith(("http://", "https://"))
+
+
+class Fetcher:
+    """Fetches references with bounded concurrency, timeouts and retries."""
+
+    def __init__(self, source: SourceConfig) -> None:
+        self.source = source
+        self.timeout = source.fetch_timeout_s
+        self.retries = source.fetch_retries
+        self.max_bytes = source.fetch_max_bytes
+        self.concurrency = source.fetch_concurrency
+
+    def fetch_many(self, refs: Iterable[str | None]) -> Iterator[Fetched | None]:
+        """Results in the order of ``refs``; ``None`` in, ``None`` out."""
+        refs = list(refs)
+        todo = [r for r in refs if r is not None]
+        if not todo:
+            yield from (None for _ in refs)
+            return
+        workers = min(self.concurrency, len(todo))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch") as pool:
+            futures = [pool.submit(self.fetch, r) if r is not None else None for r in refs]
+            for f in futures:
+                yield f.result() if f is not None else None
+
+    def fetch(self, ref: str) -> Fetched:
+        for attempt in range(self.retries + 1):
+            try:
+                return Fetched(data=self._get(ref))
+            except _NotFound as e:
+                return Fetched(status=NOT_FOUND, error=f"{ref}: {e}")
+            except _TooBig as e:
+                return Fetched(status=TOO_LARGE, error=f"{ref}: {e}")
+            except ConfigError as e:
+                return Fetched(status=FETCH_ERROR, error=f"{ref}: {e}")
+            except Exception as e:  # noqa: BLE001 - every failure becomes a row status
+                if is_transient(e) and attempt < self.retries:
+                    time.sleep(random.uniform(0, _BACKOFF_BASE_S * 2**attempt))
+                    continue
+                tries = f" after {attempt + 1} attempts" if attempt else ""
+                return Fetched(status=FETCH_ERROR, error=f"{ref}: {_describe(e)}{tries}")
+        raise AssertionError("unreachable")
+
+    def _get(self, ref: str) -> bytes:
+        if is_url(ref):
+            return self._get_url(ref)
+        fs, path = get_fs(ref, self.source.storage)
+        try:
+            size = fs.size(path)
+        except FileNotFoundError as e:
+            raise _NotFound("no such object") from e
+        if size is not None and size > self.max_bytes:
+            raise _TooBig(f"{size:,} bytes exceeds fetch_max_bytes {self.max_bytes:,}")
+        try:
+            return fs.cat_file(path)
+        except FileNotFoundError as e:
+            raise _NotFound("no such object") from e
+
+    def _get_url(self, url: str) -> bytes:
+        request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                data = response.read(self.max_bytes + 1)
+        except urllib.error.HTTPError as e:
+            if e.code in (404, 410):
+                raise _NotFound(f"HTTP {e.code} {e.reason}") from e
+            raise
+        if len(data) > self.max_bytes:
+            raise _TooBig(f"more than fetch_max_bytes {self.max_bytes:,} bytes")
+        return data
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, urllib.error.HTTPError):
+        return f"HTTP {e.code} {e.reason}"
+    if isinstance(e, urllib.error.URLError):
+        reason = e.reason
+        if isinstance(reason, socket.timeout | TimeoutError):
+            return "timed out"
+        return f"{type(reason).__name__}: {reason}"
+    if isinstance(e, socket.timeout | TimeoutError):
+        return "timed out"
+    return f"{type(e).__name__}: {e}"
