@@ -37,7 +37,9 @@ _SECRET_OPTION_KEYS = {
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Validation errors must not echo values back: a credential pasted into a field
+    # would otherwise land in logs and in Prefect's stored flow-run state.
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
 
 class StorageOptions(_Frozen):
