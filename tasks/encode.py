@@ -13,13 +13,16 @@ from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.logging import get_run_logger
+from prefect.runtime import task_run
 from prefect.states import State
 from prefect.tasks import exponential_backoff
 
 from clipbatch.config import EmbedConfig
 from clipbatch.errors import is_transient
+from clipbatch.lineage.openlineage import ShardLineage
 from clipbatch.records import ShardResult, ShardSpec
 from clipbatch.runner import run_shard
+from clipbatch.sink import output_uri
 
 
 def retry_on_transient(task: Task, task_run: TaskRun, state: State) -> bool:
@@ -46,7 +49,17 @@ def encode_shard(
 ) -> ShardResult:
     logger = get_run_logger()
     logger.info("encoding shard %s (%s)", shard.name, shard.uri)
-    result = run_shard(shard, config, run_id, fingerprint, run_meta)
+    # The shard's own OpenLineage run, a child of the flow run (no-op unless configured).
+    ol = ShardLineage(
+        shard, config, run_meta, task_run.get_id(), output_uri(config.sink.url, shard.name)
+    )
+    ol.start()
+    try:
+        result = run_shard(shard, config, run_id, fingerprint, run_meta)
+    except BaseException as e:
+        ol.fail(e)
+        raise
+    ol.complete(result)
     logger.info(
         "shard %s: %d rows (%d ok, %d failed) in %.1fs",
         shard.name,

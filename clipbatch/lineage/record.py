@@ -1,0 +1,200 @@
+"""The run record: ``{dest}/_lineage/{flow_run_id}.json`` (design.md §6).
+
+It is rewritten atomically at the start, as shards finish (throttled), and at the
+end, so it is always valid JSON and, if the run dies, says how far it got: its
+``status`` stays ``running`` (a crash) or becomes ``failed`` with the error, and
+``progress`` counts the shards done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from clipbatch import __version__
+from clipbatch.config import EmbedConfig
+from clipbatch.lineage.redact import Redactor
+from clipbatch.plan import RunPlan
+from clipbatch.records import ShardResult
+from clipbatch.storage import get_fs, join, read_bytes, with_retries, write_bytes_atomic
+from clipbatch.summary import RunSummary
+
+log = logging.getLogger(__name__)
+
+LINEAGE_DIR = "_lineage"
+RECORD_VERSION = 1
+
+
+def record_uri(dest: str, run_id: str) -> str:
+    return join(dest, LINEAGE_DIR, f"{run_id}.json")
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def git_commit() -> str | None:
+    """The code's commit: $CLIPBATCH_GIT_COMMIT (images), else the source checkout's HEAD."""
+    env = os.environ.get("CLIPBATCH_GIT_COMMIT")
+    if env:
+        return env
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+class RunRecordWriter:
+    """A :class:`clipbatch.observe.RunObserver` that keeps the run record up to date."""
+
+    def __init__(
+        self,
+        config: EmbedConfig,
+        run_meta: dict[str, Any],
+        redactor: Redactor | None = None,
+        min_interval_s: float = 5.0,
+    ) -> None:
+        self.config = config
+        self.redact = redactor or Redactor()
+        self.run_id = str(run_meta.get("flow_run_id") or run_meta.get("run_id"))
+        self.uri = record_uri(config.sink.url, self.run_id)
+        self.min_interval_s = min_interval_s
+        self._lock = threading.Lock()
+        self._last_write = 0.0
+        self.record: dict[str, Any] = {
+            "record_version": RECORD_VERSION,
+            "run_id": self.run_id,
+            "status": "running",
+            "started_at": utc_now(),
+            "updated_at": None,
+            "ended_at": None,
+            "error": None,
+            "prefect": {k: v for k, v in run_meta.items() if k != "run_id"},
+            "code": {"package": "clipbatch", "version": __version__, "git_commit": git_commit()},
+            "parameters": config.model_dump(mode="json"),
+            "destination": config.sink.url,
+            "model": None,
+            "progress": {"shards_total": None, "shards_done": 0},
+            "inputs": [],
+            "outputs": [],
+        }
+
+    # -- observer hooks ---------------------------------------------------------
+    def run_started(self, plan: RunPlan) -> None:
+        ckpt = plan.checkpoint
+        with self._lock:
+            self.record["model"] = {
+                "name": ckpt.display_name,
+                "checkpoint_sha256": ckpt.sha256,
+                "trained": ckpt.trained,
+            }
+            self.record["inputs"] = [
+                {
+                    "shard": s.name,
+                    "uri": s.uri,
+                    "version": s.version,
+                    "kind": s.kind,
+                    "sidecar": s.sidecar_uri,
+                    "members": len(s.members) or None,
+                    "row_range": list(s.row_range) if s.row_range else None,
+                    "fingerprint": plan.fingerprints.get(s.name),
+                }
+                for s in plan.shards
+            ]
+            self.record["progress"] = self._progress(len(plan.shards))
+        self._write(force=True)
+
+    def shard_finished(self, result: ShardResult) -> None:
+        with self._lock:
+            self.record["outputs"].append(
+                {
+                    "shard": result.shard,
+                    "uri": result.output_uri or None,
+                    "status": result.status,
+                    "rows": result.rows,
+                    "counts": dict(result.counts),
+                    "sha256": result.sha256,
+                    "fingerprint": result.fingerprint,
+                    "source_uri": result.source_uri,
+                    "source_version": result.source_version,
+                    "seconds": round(result.seconds, 3),
+                    "error": result.error,
+                    "finished_at": utc_now(),
+                }
+            )
+            self.record["progress"] = self._progress(self.record["progress"]["shards_total"])
+        self._write(force=False)
+
+    def run_finished(self, summary: RunSummary, error: BaseException | None) -> None:
+        with self._lock:
+            self.record["ended_at"] = utc_now()
+            self.record["status"] = "completed" if error is None else "failed"
+            if error is not None:
+                self.record["error"] = f"{type(error).__name__}: {error}"
+            self.record["summary"] = {
+                k: v for k, v in summary.to_dict().items() if k not in ("results", "dest")
+            }
+            self.record["progress"] = self._progress(self.record["progress"]["shards_total"])
+        self._write(force=True)
+
+    # -- writing ----------------------------------------------------------------
+    def _progress(self, total: int | None) -> dict[str, Any]:
+        outputs = self.record["outputs"]
+        by_status: dict[str, int] = {}
+        for o in outputs:
+            by_status[o["status"]] = by_status.get(o["status"], 0) + 1
+        return {
+            "shards_total": total,
+            "shards_done": len(outputs),
+            "committed": by_status.get("committed", 0),
+            "skipped": by_status.get("skipped", 0),
+            "failed": by_status.get("failed", 0),
+            "rows_written": sum(o["rows"] for o in outputs if o["status"] == "committed"),
+        }
+
+    def _write(self, force: bool) -> None:
+        now = time.monotonic()
+        # Throttled: a 100k-shard run must not rewrite a growing record 100k times.
+        if not force and now - self._last_write < self.min_interval_s:
+            return
+        with self._lock:
+            self.record["updated_at"] = utc_now()
+            body = json.dumps(self.redact(self.record), indent=1, sort_keys=True).encode()
+            self._last_write = now
+        fs, path = get_fs(self.uri, self.config.sink.storage)
+        write_bytes_atomic(fs, path, body)
+
+
+def read_run_record(dest: str, run_id: str, storage: Any = None) -> dict[str, Any] | None:
+    """A run record, or None when that run left none."""
+    fs, path = get_fs(record_uri(dest, run_id), storage)
+    try:
+        return json.loads(read_bytes(fs, path))
+    except FileNotFoundError:
+        return None
+
+
+def list_run_records(dest: str, storage: Any = None) -> list[str]:
+    """Run ids with a record under ``dest``, sorted."""
+    fs, path = get_fs(join(dest, LINEAGE_DIR), storage)
+    try:
+        entries = with_retries(lambda: fs.ls(path, detail=False), f"list {path}")
+    except FileNotFoundError:
+        return []
+    return sorted(e.rsplit("/", 1)[-1][: -len(".json")] for e in entries if e.endswith(".json"))

@@ -1,0 +1,175 @@
+"""What a run shows in the Prefect UI: events, asset materialisations and artifacts.
+
+- ``clipbatch.shard.committed`` / ``clipbatch.shard.failed`` events, one per shard,
+  with the counts and source version in the payload (automations can react to them);
+- a progress artifact that advances as shards finish;
+- at the end, a markdown summary artifact (a table of shards, rows ok and failed,
+  images/s, the destination) and an asset materialisation of the table, with its
+  source as upstream asset and row counts and model as metadata.
+
+Everything here runs inside the flow run and is redacted like the run record.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    update_progress_artifact,
+)
+from prefect.assets import Asset, AssetProperties, add_asset_metadata, materialize
+from prefect.events import emit_event
+
+from clipbatch.config import EmbedConfig
+from clipbatch.lineage.naming import dataset_prefix
+from clipbatch.lineage.redact import Redactor
+from clipbatch.plan import RunPlan
+from clipbatch.records import ShardResult
+from clipbatch.summary import RunSummary
+
+log = logging.getLogger(__name__)
+
+SHARD_COMMITTED = "clipbatch.shard.committed"
+SHARD_FAILED = "clipbatch.shard.failed"
+SUMMARY_KEY = "clipbatch-run-summary"
+PROGRESS_KEY = "clipbatch-run-progress"
+MAX_TABLE_ROWS = 200  # the markdown table lists at most this many shards
+
+
+def asset_key(url: str) -> str:
+    """Prefect asset keys are URIs: local paths become file:// URIs."""
+    if "://" in url:
+        return url.rstrip("/")
+    return "file://" + os.path.abspath(url).rstrip("/")
+
+
+class PrefectReporter:
+    """A :class:`clipbatch.observe.RunObserver` reporting to the Prefect API."""
+
+    def __init__(
+        self, config: EmbedConfig, run_meta: dict[str, Any], redactor: Redactor | None = None
+    ) -> None:
+        self.config = config
+        self.meta = run_meta
+        self.redact = redactor or Redactor()
+        self.dest = self.redact.text(config.sink.url)
+        self.total = 0
+        self.done = 0
+        self.progress_id: Any = None
+        self.model: dict[str, str] = {}
+
+    def run_started(self, plan: RunPlan) -> None:
+        self.total = len(plan.shards)
+        self.model = {
+            "model": plan.checkpoint.display_name,
+            "checkpoint_sha256": plan.checkpoint.sha256,
+        }
+        self.progress_id = create_progress_artifact(
+            progress=0.0 if self.total else 100.0,
+            key=PROGRESS_KEY,
+            description=f"0 of {self.total} shard(s) done -> {self.dest}",
+        )
+
+    def shard_finished(self, result: ShardResult) -> None:
+        self.done += 1
+        if self.progress_id is not None and self.total:
+            update_progress_artifact(
+                self.progress_id,
+                progress=100.0 * self.done / self.total,
+                description=f"{self.done} of {self.total} shard(s) done -> {self.dest}",
+            )
+        if result.status == "skipped":
+            return
+        event = SHARD_COMMITTED if result.status == "committed" else SHARD_FAILED
+        emit_event(
+            event=event,
+            resource={
+                "prefect.resource.id": f"clipbatch.shard.{self.redact.text(result.source_uri)}",
+                "prefect.resource.name": result.shard,
+                "clipbatch.dest": self.dest,
+            },
+            payload=self.redact(
+                {
+                    "shard": result.shard,
+                    "output_uri": result.output_uri,
+                    "rows": result.rows,
+                    "counts": result.counts,
+                    "source_uri": result.source_uri,
+                    "source_version": result.source_version,
+                    "sha256": result.sha256,
+                    "fingerprint": result.fingerprint,
+                    "seconds": round(result.seconds, 3),
+                    "error": result.error,
+                    **self.model,
+                }
+            ),
+        )
+
+    def run_finished(self, summary: RunSummary, error: BaseException | None) -> None:
+        create_markdown_artifact(
+            markdown=self.redact.text(summary_markdown(summary, self.model, error)),
+            key=SUMMARY_KEY,
+            description=f"clipbatch run summary for {self.dest}",
+        )
+        if summary.committed:
+            self._materialize(summary)
+
+    def _materialize(self, summary: RunSummary) -> None:
+        table = Asset(
+            key=asset_key(self.dest),
+            properties=AssetProperties(
+                name=self.dest.rstrip("/").rsplit("/", 1)[-1],
+                description="CLIP embedding table (clipbatch)",
+            ),
+        )
+        source = Asset(key=asset_key(self.redact.text(dataset_prefix(self.config.source.url))))
+        metadata = {
+            "rows_written": summary.rows_written(),
+            "rows_ok": summary.ok_rows(),
+            "rows_failed": summary.rows_written() - summary.ok_rows(),
+            "shards_committed": len(summary.committed),
+            "shards_skipped": len(summary.skipped),
+            "shards_failed": len(summary.failed),
+            "run_id": summary.run_id,
+            **self.model,
+        }
+
+        @materialize(table, asset_deps=[source], name="materialize-embedding-table")
+        def record_table() -> None:
+            add_asset_metadata(table, metadata)
+
+        record_table()
+
+
+def summary_markdown(
+    summary: RunSummary, model: dict[str, str], error: BaseException | None
+) -> str:
+    state = "completed" if error is None else f"failed: {type(error).__name__}"
+    lines = [
+        f"# clipbatch run `{summary.run_id}`: {state}",
+        "",
+        f"**Destination:** [{summary.dest}]({summary.dest})  ",
+        f"**Model:** {model.get('model', '?')} (sha256 `{model.get('checkpoint_sha256', '?')}`)  ",
+        f"**Shards:** {len(summary.results)} ({len(summary.committed)} written, "
+        f"{len(summary.skipped)} already done, {len(summary.failed)} failed)  ",
+        f"**Rows written:** {summary.rows_written()} ({summary.ok_rows()} ok, "
+        f"{summary.rows_written() - summary.ok_rows()} failed)  ",
+        f"**Speed:** {summary.images_per_second():.1f} images/s over {summary.seconds:.1f} s",
+        "",
+        "| shard | status | rows | ok | failed | images/s | output | error |",
+        "|---|---|---:|---:|---:|---:|---|---|",
+    ]
+    for r in summary.results[:MAX_TABLE_ROWS]:
+        rate = f"{r.rows / r.seconds:.1f}" if r.status == "committed" and r.seconds else "-"
+        err = (r.error or "").replace("|", "\\|").replace("\n", " ")[:200]
+        lines.append(
+            f"| {r.shard} | {r.status} | {r.rows} | {r.ok_rows} | {r.failed_rows} | {rate} "
+            f"| {r.output_uri or '-'} | {err} |"
+        )
+    if len(summary.results) > MAX_TABLE_ROWS:
+        lines.append(f"| … {len(summary.results) - MAX_TABLE_ROWS} more | | | | | | | |")
+    return "\n".join(lines) + "\n"
