@@ -210,6 +210,19 @@ class RuntimeConfig(_Frozen):
     retry_delay_seconds: float = Field(
         2.0, ge=0.0, le=600.0, description="Base delay for exponential task retry backoff."
     )
+    task_runner: str | None = Field(
+        None,
+        description="Where shard tasks run: empty for this process's thread pool, "
+        "'dask://host:8786' for an existing Dask scheduler, 'ray://host:10001' for Ray.",
+        pattern=r"^(threads|(dask|ray)://[^\s/]+)$",
+    )
+    gpus_per_shard: float = Field(
+        0.0,
+        ge=0.0,
+        le=64.0,
+        description="GPU slots each shard task claims on Dask (worker resource 'GPU', "
+        "start workers with --resources GPU=1) or Ray (num_gpus); 0 claims none.",
+    )
 
 
 class SinkConfig(_Frozen):

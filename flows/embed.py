@@ -24,6 +24,7 @@ from clipbatch.records import ShardResult, ShardSpec
 from clipbatch.sink import clean_staging
 from clipbatch.summary import RunFailedError, RunSummary
 from flows.observers import make_observers
+from flows.runners import shard_submitter
 from tasks.encode import encode_shard
 
 # Shards in flight are bounded by config.runtime.shard_concurrency (a sliding window
@@ -77,7 +78,11 @@ def embed_dataset(config: EmbedConfig) -> dict[str, Any]:
     )
     start = time.perf_counter()
     try:
-        results = _run_windowed(task, plan.todo, config, run_id, plan.fingerprints, meta, observers)
+        # The thread pool, or a Dask/Ray cluster when config.runtime.task_runner names one.
+        with shard_submitter(task, config.runtime) as submitter:
+            results = _run_windowed(
+                submitter, plan.todo, config, run_id, plan.fingerprints, meta, observers
+            )
     except BaseException as e:  # crashed or cancelled: lineage still says how far it got
         observers.run_finished(
             RunSummary(dest=config.sink.url, run_id=run_id, results=plan.skipped), e
@@ -122,7 +127,10 @@ def _run_windowed(
         if state.is_completed():
             results[shard.name] = done.result()
         else:
-            exc = done.result(raise_on_failure=False)
+            try:
+                exc = done.result(raise_on_failure=False)
+            except Exception as e:  # noqa: BLE001 - e.g. Dask's KilledWorker: no state came back
+                exc = e
             results[shard.name] = ShardResult(
                 shard=shard.name,
                 output_uri="",

@@ -25,6 +25,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--shard-concurrency", type=int, help="shards encoded at once")
     p.add_argument("--decode-workers", type=int)
+    p.add_argument(
+        "--task-runner",
+        help="where shard tasks run: threads (default, this process), dask://host:8786 "
+        "(an existing Dask scheduler) or ray://host:10001",
+    )
+    p.add_argument(
+        "--gpus-per-shard",
+        type=float,
+        help="GPU slots each shard task claims on Dask (workers started with "
+        "--resources GPU=1) or Ray (num_gpus)",
+    )
     p.add_argument("--preprocess", choices=["exact", "fast"])
     p.add_argument("--dtype", choices=["float16", "float32"], help="embedding storage dtype")
     p.add_argument("--max-error-ratio", type=float)
@@ -55,6 +66,8 @@ def config_from_args(args: argparse.Namespace) -> EmbedConfig:
         "runtime.batch_size": args.batch_size,
         "runtime.shard_concurrency": args.shard_concurrency,
         "runtime.decode_workers": args.decode_workers,
+        "runtime.task_runner": args.task_runner,
+        "runtime.gpus_per_shard": args.gpus_per_shard,
         "runtime.preprocess": args.preprocess,
         "runtime.max_error_ratio": args.max_error_ratio,
         "sink.dtype": args.dtype,
