@@ -19,9 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
+from clipbatch.preprocess import resize_crop
 from clipbatch.records import DECODE_ERROR, MISSING_IMAGE, OK, TOO_LARGE, PreparedSample, RawSample
 
 log = logging.getLogger(__name__)
@@ -81,11 +80,10 @@ def decode_to_pixels(data: bytes, opts: DecodeOptions) -> tuple[np.ndarray, int,
             img.draft("RGB", (opts.n_px, opts.n_px))
         img.load()
         oriented = ImageOps.exif_transpose(img)
-        width, height = oriented.size if oriented is not None else img.size
+        if oriented is not None and oriented.size != img.size:
+            width, height = height, width  # rotated by 90; draft may have shrunk img.size
         rgb = to_rgb(oriented if oriented is not None else img)
-    resized = TF.resize(rgb, opts.n_px, interpolation=InterpolationMode.BICUBIC)
-    cropped = TF.center_crop(resized, opts.n_px)
-    return np.asarray(cropped, dtype=np.uint8), width, height
+    return resize_crop(rgb, opts.n_px, opts.mode), width, height
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
