@@ -142,6 +142,8 @@ def _run_windowed(
                 if isinstance(exc, BaseException)
                 else str(state.message),
             )
+        # Per shard, as it finishes: the run record and progress advance during the run.
+        observers.shard_finished(results[shard.name])
 
     for shard in shards:
         while len(in_flight) >= window:
