@@ -34,11 +34,18 @@ def detect_kind(source: SourceConfig) -> str:
     if not files:
         found = "no files"
     else:
-        found = ", ".join(
-            f"{n} {what}"
-            for n, what in ((tars, "tar shard(s)"), (n_images, "image(s)"), (tables, "table file(s)"))
-            if n
-        ) or f"{len(files)} file(s) of no known kind"
+        found = (
+            ", ".join(
+                f"{n} {what}"
+                for n, what in (
+                    (tars, "tar shard(s)"),
+                    (n_images, "image(s)"),
+                    (tables, "table file(s)"),
+                )
+                if n
+            )
+            or f"{len(files)} file(s) of no known kind"
+        )
     raise ConfigError(
         f"cannot tell the source kind of {url!r} (found {found}); "
         "pass --source-kind webdataset|folder|table (source.kind in YAML)"

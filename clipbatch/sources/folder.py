@@ -55,7 +55,9 @@ class FolderReader:
     def list_shards(self) -> list[ShardSpec]:
         fs, root = get_fs(self.source.url, self.source.storage)
         root = root.rstrip("/")
-        wanted = set(self.image_exts) | {"json"} | ({self.caption_ext} if self.caption_ext else set())
+        wanted = (
+            set(self.image_exts) | {"json"} | ({self.caption_ext} if self.caption_ext else set())
+        )
         files = list_files(fs, root, tuple(f".{e}" for e in sorted(wanted)), recursive=True)
         by_stem: dict[str, dict[str, tuple[str, dict]]] = {}
         for path, info in files:
@@ -162,9 +164,7 @@ class FolderReader:
             sample.extra["json"] = got.data.decode("utf-8", "replace")
             return None
 
-    def _set_caption(
-        self, sample: RawSample, files: dict[str, tuple[str, Any]], meta: Any
-    ) -> None:
+    def _set_caption(self, sample: RawSample, files: dict[str, tuple[str, Any]], meta: Any) -> None:
         field = self.source.caption_json_field
         if field:
             value = meta.get(field) if isinstance(meta, dict) else None
