@@ -27,18 +27,23 @@ log = logging.getLogger(__name__)
 TINY_MODEL_NAME = "tiny"
 ASSETS = Path(__file__).parent / "assets"
 TINY_CHECKPOINT = ASSETS / "tiny-clip.pt"
-# Until a trained checkpoint ships, 'tiny' is a seeded random CLIP of this shape.
+# The built-in model's shape: OpenAI's CLIP with a small ViT (64 px, 8 px patches) and a
+# small text transformer. Heads are width // 64, as clip.model.build_model infers them
+# from a state dict. The vocabulary and context are clip's tokenizer's, and the token
+# table (49408 x transformer_width) dominates the file size, so the text width stays 64.
+# clipbatch/training/train_tiny.py trains this shape into assets/tiny-clip.pt; without
+# that file, 'tiny' falls back to a seeded random CLIP of the same shape.
 TINY_ARCH: dict[str, Any] = dict(
     embed_dim=64,
     image_resolution=64,
-    vision_layers=2,
+    vision_layers=4,
     vision_width=64,
-    vision_patch_size=16,
+    vision_patch_size=8,
     context_length=77,
     vocab_size=49408,
     transformer_width=64,
     transformer_heads=1,
-    transformer_layers=2,
+    transformer_layers=3,
 )
 
 
@@ -126,7 +131,9 @@ def _resolve_tiny() -> ResolvedCheckpoint:
             is_builtin=True,
             trained=True,
         )
-    path = cache_dir() / "tiny-random-clip.pt"
+    # Named by the architecture, so a cached file from an older TINY_ARCH is never reused.
+    arch_id = hashlib.sha256(repr(sorted(TINY_ARCH.items())).encode()).hexdigest()[:12]
+    path = cache_dir() / f"tiny-random-clip-{arch_id}.pt"
     if not path.is_file():
         import clip.model
 

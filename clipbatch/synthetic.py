@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,44 @@ class SceneSpec:
     def caption(self) -> str:
         where = "in the center" if self.position == "center" else f"on the {self.position}"
         return f"a {self.size} {self.colour} {self.shape} {where} of a {self.background} {self.bg_colour} background"
+
+    def partial_caption(self, rng: random.Random) -> str:
+        """A shorter description that omits some attributes ("a red circle", "a star on the left").
+
+        Training on these as well as on full captions teaches the model what each word
+        means on its own, so short queries and zero-shot prompts work.
+        """
+        size = f"{self.size} " if rng.random() < 0.4 else ""
+        colour = f"{self.colour} " if rng.random() < 0.75 else ""
+        shape = self.shape if (not colour or rng.random() < 0.75) else "shape"
+        text = f"a {size}{colour}{shape}"
+        where = rng.random() < 0.4
+        if where:
+            text += " in the center" if self.position == "center" else f" on the {self.position}"
+        if rng.random() < 0.3:
+            text += f" {'of' if where else 'on'} a {self.background} {self.bg_colour} background"
+        return text
+
+
+def colour_prompt(colour: str) -> str:
+    """The zero-shot prompt for a colour class."""
+    return f"a {colour} shape"
+
+
+def shape_prompt(shape: str) -> str:
+    """The zero-shot prompt for a shape class."""
+    return f"a {shape}"
+
+
+_CAPTION = re.compile(r"^a (?P<size>\w+) (?P<colour>\w+) (?P<shape>\w+) ")
+
+
+def parse_caption(caption: str) -> dict[str, str]:
+    """Shape, colour and size from a full :meth:`SceneSpec.caption`; raises ValueError otherwise."""
+    m = _CAPTION.match(caption)
+    if m is None or m["shape"] not in SHAPES or m["colour"] not in COLOURS:
+        raise ValueError(f"not a synthetic scene caption: {caption!r}")
+    return m.groupdict()
 
 
 def random_spec(rng: random.Random) -> SceneSpec:

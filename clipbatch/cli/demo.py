@@ -55,4 +55,21 @@ def run(args: argparse.Namespace) -> int:
     if error:
         print(f"clipbatch: {error}", file=sys.stderr)
         return 1
+    show_queries(str(dest), args.device)
     return 0
+
+
+DEMO_QUERIES = ("a red circle", "a large blue square", "a yellow star on the left")
+
+
+def show_queries(dest: str, device: str) -> None:
+    """Answer a few text queries from the output table alone, so a person can judge it."""
+    from clipbatch.query import open_table, search
+
+    device = "cpu" if device == "auto" else device
+    print("\nsearch:     text -> image, from the Parquet table alone (top 3, cosine)")
+    for hits in search(open_table(dest), list(DEMO_QUERIES), k=3, device=device):
+        print(f"  {hits[0].query!r}" if hits else "")
+        for hit in hits:
+            print(f"    {hit.score:+.3f}  {hit.key}  {hit.caption}")
+    print(f'more:       clipbatch search "a green triangle" --table {dest}')
