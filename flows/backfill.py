@@ -1,0 +1,261 @@
+"""``embed-backfill``: one child ``embed-dataset`` run per partition, exactly once.
+
+The OSS Prefect server has no backfill. This flow fans out one child flow run per
+partition through ``run_deployment``, at most ``max_concurrent_runs`` at a time. Every
+child carries an idempotency key derived from its deployment, its parameters and
+``attempt``: the server answers a repeated key with the run it already has, so
+triggering the same backfill twice creates no second child run, and each child's
+fingerprints keep the output free of duplicates. A table artifact lists every child
+run and its final state.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import time
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_table_artifact
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+from prefect.logging import get_run_logger
+from prefect.runtime import flow_run
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from clipbatch.config import EmbedConfig, ModelConfig, RuntimeConfig, StorageOptions
+from clipbatch.errors import ClipbatchError, ConfigError
+from flows.partitions import (
+    DATE_FIELDS,
+    check_template,
+    date_range,
+    parse_date,
+    partition_values,
+    placeholders,
+)
+
+MAX_PARTITIONS = 1000
+ARTIFACT_KEY = "embed-backfill"
+
+
+class BackfillFailedError(ClipbatchError):
+    """Some child runs did not complete; the artifact lists which."""
+
+
+class BackfillConfig(BaseModel):
+    """What to backfill: partitions (a list or a date range), URL templates, model, options."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source_template: str = Field(
+        ...,
+        min_length=1,
+        description="Source URL with a {date} or {partition} placeholder, e.g. s3://raw/{date}/",
+    )
+    dest_template: str = Field(
+        ...,
+        min_length=1,
+        description="Destination URL with the same placeholder, e.g. s3://emb/date={date}/",
+    )
+    partitions: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_PARTITIONS,
+        description="Explicit partitions. Leave empty to use start_date..end_date instead.",
+    )
+    start_date: dt.date | None = Field(None, description="First date of the range (YYYY-MM-DD).")
+    end_date: dt.date | None = Field(
+        None, description="Last date of the range, included (YYYY-MM-DD)."
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The CLIP model.")
+    runtime: RuntimeConfig = Field(
+        default_factory=RuntimeConfig, description="Device, batch size and retries per child."
+    )
+    storage: StorageOptions = Field(
+        default_factory=StorageOptions, description="Object-store options for source and dest."
+    )
+    overwrite: bool = Field(False, description="Redo shards even when their output is current.")
+    max_concurrent_runs: int = Field(
+        2, ge=1, le=64, description="Child flow runs in flight at once (GPU slots)."
+    )
+    deployment: str = Field(
+        "embed-dataset/embed-adhoc",
+        pattern=r"^[^/]+/[^/]+$",
+        description="The child deployment, as flow-name/deployment-name.",
+    )
+    attempt: int = Field(
+        1,
+        ge=1,
+        le=1000,
+        description="Part of each child's idempotency key: the same value reuses earlier child "
+        "runs; bump it to run the partitions again (e.g. after failures).",
+    )
+    poll_seconds: float = Field(
+        10.0, ge=0.5, le=600.0, description="How often child run states are polled."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> BackfillConfig:
+        has_range = self.start_date is not None or self.end_date is not None
+        if self.partitions and has_range:
+            raise ValueError("give either partitions or start_date/end_date, not both")
+        if not self.partitions and not has_range:
+            raise ValueError("give partitions, or start_date and end_date")
+        if has_range:
+            if self.start_date is None or self.end_date is None:
+                raise ValueError("a date range needs both start_date and end_date")
+            if self.end_date < self.start_date:
+                raise ValueError(f"end_date {self.end_date} is before start_date {self.start_date}")
+            if (self.end_date - self.start_date).days >= MAX_PARTITIONS:
+                raise ValueError(f"a date range may cover at most {MAX_PARTITIONS} days")
+        if len(set(self.partitions)) != len(self.partitions):
+            raise ValueError("partitions lists a value more than once")
+        for partition in self.partitions:
+            try:
+                partition_values(partition)
+            except ConfigError as e:
+                raise ValueError(str(e)) from e
+        not_dates = [p for p in self.partitions if parse_date(p) is None]
+        if not_dates and self.uses_date_fields():
+            raise ValueError(
+                f"partitions {not_dates[:3]} are not dates (YYYY-MM-DD), so the templates "
+                "must use {partition}, not {date}/{year}/{month}/{day}"
+            )
+        for name, template in (("source", self.source_template), ("dest", self.dest_template)):
+            try:
+                check_template(template)
+            except ConfigError as e:
+                raise ValueError(str(e)) from e
+            if not placeholders(template):
+                # Every child would read (source) or write (dest) the same place.
+                raise ValueError(f"{name}_template needs a {{date}} or {{partition}} placeholder")
+        return self
+
+    def partition_list(self) -> list[str]:
+        if self.partitions:
+            return list(self.partitions)
+        assert self.start_date is not None and self.end_date is not None  # validated
+        return date_range(self.start_date, self.end_date)
+
+    def uses_date_fields(self) -> bool:
+        used = placeholders(self.source_template) | placeholders(self.dest_template)
+        return bool(used & set(DATE_FIELDS))
+
+    def child_config(self) -> EmbedConfig:
+        """The child's ``config``: URL templates that the child fills from ``partition``."""
+        return EmbedConfig(
+            source={"url": self.source_template, "storage": self.storage},
+            sink={"url": self.dest_template, "overwrite": self.overwrite, "storage": self.storage},
+            model=self.model,
+            runtime=self.runtime,
+        )
+
+
+def child_parameters(spec: BackfillConfig, partition: str) -> dict[str, Any]:
+    # Only what differs from the defaults: the child validates against its deployment's
+    # schema, which may be a release older or newer than this flow's code.
+    config = spec.child_config().model_dump(mode="json", exclude_defaults=True)
+    return {"config": config, "partition": partition}
+
+
+def idempotency_key(spec: BackfillConfig, parameters: dict[str, Any]) -> str:
+    """Same deployment, parameters and attempt: same key, so the server reuses the run."""
+    payload = json.dumps(
+        {"deployment": spec.deployment, "parameters": parameters, "attempt": spec.attempt},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return "clipbatch-backfill-" + hashlib.sha256(payload.encode()).hexdigest()[:40]
+
+
+@flow(name="embed-backfill", validate_parameters=True, log_prints=False)
+def backfill(spec: BackfillConfig) -> dict[str, Any]:
+    """Run the child deployment once per partition and wait for every child run.
+
+    Args:
+        spec: Partitions, URL templates, model and options of the backfill.
+    """
+    logger = get_run_logger()
+    partitions = spec.partition_list()
+    started = _own_created_time()
+    rows: dict[str, dict[str, Any]] = {}
+    active: dict[str, str] = {}  # flow run id -> partition
+    pending = list(partitions)
+    logger.info(
+        "backfill of %d partition(s) through %s, %d at a time",
+        len(partitions),
+        spec.deployment,
+        spec.max_concurrent_runs,
+    )
+    with get_client(sync_client=True) as client:
+        while pending or active:
+            while pending and len(active) < spec.max_concurrent_runs:
+                partition = pending.pop(0)
+                params = child_parameters(spec, partition)
+                child = run_deployment(
+                    spec.deployment,
+                    parameters=params,
+                    idempotency_key=idempotency_key(spec, params),
+                    flow_run_name=f"backfill-{partition}",
+                    tags=["backfill"],
+                    timeout=0,  # we poll ourselves, so the window stays full
+                )
+                reused = (
+                    started is not None and child.created is not None and child.created < started
+                )
+                rows[partition] = _row(partition, child, reused)
+                if child.state is not None and child.state.is_final():
+                    continue
+                active[str(child.id)] = partition
+            if not active:
+                break
+            time.sleep(spec.poll_seconds)
+            for run_id, partition in list(active.items()):
+                child = client.read_flow_run(run_id)
+                rows[partition] = _row(partition, child, rows[partition]["reused"])
+                if child.state is not None and child.state.is_final():
+                    active.pop(run_id)
+                    logger.info("%s: %s", partition, child.state.name)
+    table = [rows[p] for p in partitions]
+    failed = [r["partition"] for r in table if r["state"] != "Completed"]
+    reused = sum(r["reused"] for r in table)
+    create_table_artifact(
+        table=table,
+        key=ARTIFACT_KEY,
+        description=f"Backfill via {spec.deployment}: {len(table)} partition(s), "
+        f"{len(table) - len(failed)} completed, {reused} reused from an earlier trigger.",
+    )
+    summary = {
+        "partitions": len(table),
+        "completed": len(table) - len(failed),
+        "failed": failed,
+        "reused": reused,
+        "child_runs": {r["partition"]: r["flow_run_id"] for r in table},
+    }
+    if failed:
+        raise BackfillFailedError(
+            f"{len(failed)} of {len(table)} child run(s) did not complete: {', '.join(failed)}; "
+            "rerun with attempt bumped to retry them (completed shards are skipped)"
+        )
+    return summary
+
+
+def _row(partition: str, child: Any, reused: bool) -> dict[str, Any]:
+    return {
+        "partition": partition,
+        "flow_run_id": str(child.id),
+        "flow_run_name": child.name,
+        "state": child.state.name if child.state is not None else "Unknown",
+        "reused": reused,
+    }
+
+
+def _own_created_time() -> dt.datetime | None:
+    """When this backfill run was created, by the server's clock; a child created earlier
+    belongs to an earlier trigger."""
+    run_id = flow_run.get_id()
+    if not run_id:
+        return None
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(run_id).created
