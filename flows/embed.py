@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow
 from prefect.futures import PrefectFuture, as_completed
@@ -16,6 +16,7 @@ from prefect.logging import get_run_logger
 from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
+from pydantic import Field
 
 from clipbatch.config import EmbedConfig
 from clipbatch.observe import Observers
@@ -24,6 +25,8 @@ from clipbatch.records import ShardResult, ShardSpec
 from clipbatch.sink import clean_staging
 from clipbatch.summary import RunFailedError, RunSummary
 from flows.observers import make_observers
+from flows.params import resolve_config
+from flows.partitions import scheduled_start_time
 from flows.runners import shard_submitter
 from tasks.encode import encode_shard
 
@@ -51,9 +54,45 @@ def current_run_meta() -> dict[str, Any]:
     validate_parameters=True,
     log_prints=False,
 )
-def embed_dataset(config: EmbedConfig) -> dict[str, Any]:
-    """Embed every shard of ``config.source`` into Parquet at ``config.sink.url``."""
+def embed_dataset(
+    config: EmbedConfig | None = None,
+    source: str | None = None,
+    dest: str | None = None,
+    model: str | None = None,
+    device: str | None = None,
+    overwrite: bool | None = None,
+    partition: str | None = None,
+    partition_timezone: str = "UTC",
+    partition_offset_days: Annotated[int, Field(ge=-366, le=366)] = 0,
+) -> dict[str, Any]:
+    """Embed every shard of ``config.source`` into Parquet at ``config.sink.url``.
+
+    ``config`` is the full form; the flat parameters override parts of it, so
+    ``prefect deployment run ... --param source=... --param dest=...`` works alone.
+
+    Args:
+        config: The full run configuration (source, sink, model, runtime).
+        source: Overrides config.source.url; may hold {date} or {partition}.
+        dest: Overrides config.sink.url; may hold {date} or {partition}.
+        model: Overrides config.model.name (ViT-B/32, tiny, a checkpoint path or URI).
+        device: Overrides config.runtime.device (auto, cpu, cuda, cuda:N).
+        overwrite: Overrides config.sink.overwrite (redo shards whose output is current).
+        partition: Fills {partition} and {date} in the URLs; default: the scheduled date.
+        partition_timezone: IANA timezone the scheduled start is read in (Europe/Berlin).
+        partition_offset_days: Days added to the scheduled date; -1 embeds the day before.
+    """
     logger = get_run_logger()
+    run = resolve_config(
+        config,
+        {"source": source, "dest": dest, "model": model, "device": device, "overwrite": overwrite},
+        partition,
+        partition_timezone,
+        partition_offset_days,
+        scheduled_start_time(),
+    )
+    config = run.config
+    if run.partition:
+        logger.info("partition %s: %s -> %s", run.partition, config.source.url, config.sink.url)
     meta = current_run_meta()
     run_id = meta["flow_run_id"] or uuid.uuid4().hex
     removed = clean_staging(config.sink)
