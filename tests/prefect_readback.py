@@ -1,0 +1,57 @@
+"""Read what a flow run left in Prefect (artifacts, events, logs) through the client."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
+from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
+
+
+def artifacts(flow_run_id: str) -> list[Any]:
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+
+
+def events(flow_run_id: str, prefixes: list[str], expect: int, timeout_s: float = 20.0) -> list:
+    """Events whose name starts with one of ``prefixes`` and that relate to the flow run.
+
+    Events travel over a websocket and are persisted asynchronously: poll for them.
+    """
+    deadline = time.monotonic() + timeout_s
+    found: list = []
+    while time.monotonic() < deadline:
+        with get_client(sync_client=True) as client:
+            page = client.read_events(
+                EventFilter(
+                    event=EventNameFilter(prefix=prefixes),
+                    related=EventRelatedFilter(id=[f"prefect.flow-run.{flow_run_id}"]),
+                ),
+                limit=50,
+            )
+        found = [
+            e
+            for e in page.events
+            if any(r.id == f"prefect.flow-run.{flow_run_id}" for r in e.related)
+        ]
+        if len(found) >= expect:
+            return found
+        time.sleep(0.5)
+    return found
+
+
+def logs(flow_run_id: str) -> list[str]:
+    with get_client(sync_client=True) as client:
+        rows = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200
+        )
+    return [r.message for r in rows]
