@@ -36,6 +36,16 @@ _SECRET_OPTION_KEYS = {
 }
 
 
+def _option_keys(options: Any) -> set[str]:
+    """Every key of a nested options mapping, lower-cased."""
+    if not isinstance(options, dict):
+        return set()
+    keys = {str(k).lower() for k in options}
+    for v in options.values():
+        keys |= _option_keys(v)
+    return keys
+
+
 class _Frozen(BaseModel):
     # Validation errors must not echo values back: a credential pasted into a field
     # would otherwise land in logs and in Prefect's stored flow-run state.
@@ -59,7 +69,8 @@ class StorageOptions(_Frozen):
     @field_validator("extra")
     @classmethod
     def _no_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
-        leaked = _SECRET_OPTION_KEYS.intersection(k.lower() for k in value)
+        # Nested too: client_kwargs={"aws_secret_access_key": ...} reaches botocore as well.
+        leaked = _SECRET_OPTION_KEYS.intersection(_option_keys(value))
         if leaked:
             raise ValueError(
                 f"storage option(s) {sorted(leaked)} look like credentials; parameters are "
