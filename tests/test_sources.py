@@ -196,3 +196,16 @@ def test_skip_logger_is_rate_limited() -> None:
         log.removeHandler(handler)
     assert len(handler.lines) == 4  # the first 3, then one summary: never one per row
     assert "10000 rows not ok" in handler.lines[-1] and "'decode_error': 5000" in handler.lines[-1]
+
+
+def test_folder_object_gone_after_listing(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.jpg").write_bytes(JPG)
+        (tmp_path / f"{name}.txt").write_text(f"caption {name}")
+    reader = get_reader(SourceConfig(url=str(tmp_path)))
+    (shard,) = reader.list_shards()
+    (tmp_path / "b.jpg").unlink()  # deleted between planning and reading
+    rows = {s.key: s for s in reader.read(shard)}
+    assert rows["a"].status == "ok"
+    assert rows["b"].status == "not_found" and "no such object" in rows["b"].error
+    assert rows["b"].caption == "caption b"  # the text embedding is kept
