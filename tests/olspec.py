@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
@@ -89,3 +92,16 @@ def validate_event(event: dict[str, Any]) -> None:
         for key, facet in facets.items():
             if key in _FACET_VALIDATORS:
                 _FACET_VALIDATORS[key].validate(facet)
+
+
+@contextlib.contextmanager
+def openlineage_env(**env: str) -> Iterator[None]:
+    """Set OPENLINEAGE_* variables; restore all of them after (the client adds aliases)."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("OPENLINEAGE")}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k in [k for k in os.environ if k.startswith("OPENLINEAGE")]:
+            del os.environ[k]
+        os.environ.update(saved)

@@ -17,27 +17,20 @@ from clipbatch.lineage.openlineage import Emitter, ShardLineage, transport_confi
 from clipbatch.records import ShardSpec
 from clipbatch.synthetic import write_webdataset
 from tests.conftest import upload_dir
-from tests.olspec import Collector, validate_event
+from tests.olspec import Collector, openlineage_env, validate_event
 
 pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture
-def ol_collector(monkeypatch: pytest.MonkeyPatch) -> Iterator[Collector]:
+def ol_collector() -> Iterator[Collector]:
     """OPENLINEAGE_URL pointing at a local collector; OPENLINEAGE_* restored afterwards."""
-    saved = {k: v for k, v in os.environ.items() if k.startswith("OPENLINEAGE")}
     collector = Collector()
-    monkeypatch.setenv("OPENLINEAGE_URL", collector.url)
-    monkeypatch.setenv("OPENLINEAGE_NAMESPACE", "clipbatch-test")
     try:
-        yield collector
+        with openlineage_env(OPENLINEAGE_URL=collector.url, OPENLINEAGE_NAMESPACE="clipbatch-test"):
+            yield collector
     finally:
         collector.close()
-        # The client aliases OPENLINEAGE_URL into OPENLINEAGE__TRANSPORT__* variables.
-        for k in [k for k in os.environ if k.startswith("OPENLINEAGE")]:
-            if k not in saved:
-                del os.environ[k]
-        os.environ.update(saved)
 
 
 def s3_config(source: str, dest: str, endpoint: str, **runtime):
