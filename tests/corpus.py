@@ -298,7 +298,8 @@ def write_table_corpus(root: Path, http_base: str, s3_base: str) -> dict[str, Ex
 
     Images referenced by path live under ``images/``; ``s3_base`` is the URL the corpus
     will be uploaded to, so s3:// references point into it. ``http_base`` serves
-    ``/good.jpg`` (200), ``/missing.jpg`` (404) and ``/slow.jpg`` (never in time).
+    ``/good.jpg`` (200), ``/flaky.jpg`` (503 once, then 200), ``/missing.jpg`` (404) and
+    ``/slow.jpg`` (never in time).
     """
     root.mkdir(parents=True, exist_ok=True)
     expected: dict[str, Expect] = {}
@@ -362,6 +363,12 @@ def write_table_corpus(root: Path, http_base: str, s3_base: str) -> dict[str, Ex
             Expect("ok", good_ref, "an http url", False),
         ),
         (
+            "c-flaky",  # 503 on the first request: a retry gets it
+            f"{http_base}/flaky.jpg",
+            b"a flaky url",
+            Expect("ok", good_ref, "a flaky url", False),
+        ),
+        (
             "c-404",
             f"{http_base}/missing.jpg",
             b"a 404",
@@ -405,7 +412,7 @@ def write_table_corpus(root: Path, http_base: str, s3_base: str) -> dict[str, Ex
         exp.extra = {"note": f"n{n}"}
         expected[key if key not in expected else f"{key}#dup1"] = exp
     buf.write(b"c-ragged,only-two-fields\r\n")
-    expected["manifest/13"] = Expect("bad_row", error_has="fields")
+    expected[f"manifest/{len(rows)}"] = Expect("bad_row", error_has="fields")
     (root / "manifest.csv").write_bytes(buf.getvalue())
 
     lines = [

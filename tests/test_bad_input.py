@@ -51,6 +51,10 @@ NO_TEXT = {"missing_caption", "empty_caption", "caption_decode_error", "duplicat
 NO_TEXT |= {"unsafe_path", "shard_damaged", "bad_row"}
 
 
+_hits: dict[str, int] = {}
+_lock = threading.Lock()
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     root: Path = Path("/nonexistent")
 
@@ -62,7 +66,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _get(self) -> None:
         if self.path == "/slow.jpg":
             time.sleep(3)  # longer than the fetch timeout, every time
-        path = self.root / self.path.lstrip("/")
+        name = self.path.lstrip("/")
+        if name == "flaky.jpg":
+            with _lock:
+                _hits[name] = _hits.get(name, 0) + 1
+                first = _hits[name] == 1
+            if first:
+                self.send_error(503, "Service Unavailable")
+                return
+            name = "good.jpg"
+        path = self.root / name
         if not path.is_file():
             self.send_error(404, "Not Found")
             return
