@@ -6,7 +6,9 @@ are a batched multiply-add, done later on the device (:mod:`clipbatch.encode`). 
 and crop here call the same torchvision functions on the same PIL image, so the
 result is bit-identical to the reference ("exact" mode).
 
-Every failure becomes a row status: nothing here raises for bad data.
+Every failure becomes a row status: nothing here raises for bad data. The format is
+sniffed from the bytes, never taken from the file name, so a PNG named ``.webp`` simply
+decodes (status ``ok``); the pixel limit is checked from the header, before decoding.
 """
 
 from __future__ import annotations
