@@ -191,3 +191,43 @@ def test_record_is_valid_json_mid_run_and_says_how_far(tmp_path):
     assert mid["progress"]["shards_done"] == 1 and mid["progress"]["rows_written"] == 4
     assert mid["outputs"][0]["counts"] == {"ok": 3, "decode_error": 1}
     assert not [p for p in path.parent.iterdir() if p.name != "run-1.json"]  # no temp files left
+
+
+def test_progress_artifact_advances_as_shards_finish(prefect_harness, tmp_path):
+    """The reporter's progress artifact moves with each finished shard, not only at the end."""
+    from prefect import flow, get_client
+
+    from flows.reporting import PrefectReporter
+
+    config = build_config({"source": str(tmp_path / "src"), "dest": str(tmp_path / "out")})
+    shards = [
+        ShardSpec(uri=f"/data/{n}.tar", name=n, kind="webdataset", version="v")
+        for n in ("00000", "00001", "00002", "00003")
+    ]
+    plan = RunPlan(
+        checkpoint=ResolvedCheckpoint(load_arg="x", sha256="ab" * 32, display_name="tiny"),
+        shards=shards,
+        fingerprints={s.name: "f" for s in shards},
+    )
+    seen: list[float] = []
+
+    def progress(reporter: PrefectReporter) -> float:
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterId
+
+        with get_client(sync_client=True) as client:
+            (art,) = client.read_artifacts(
+                artifact_filter=ArtifactFilter(id=ArtifactFilterId(any_=[reporter.progress_id]))
+            )
+        return float(art.data)
+
+    @flow(name="progress-probe")
+    def probe() -> None:
+        reporter = PrefectReporter(config, {"flow_run_id": None})
+        reporter.run_started(plan)
+        seen.append(progress(reporter))
+        for s in shards:
+            reporter.shard_finished(ShardResult(shard=s.name, output_uri="", status="skipped"))
+            seen.append(progress(reporter))
+
+    probe()
+    assert seen == [0.0, 25.0, 50.0, 75.0, 100.0]
