@@ -231,3 +231,43 @@ def test_progress_artifact_advances_as_shards_finish(prefect_harness, tmp_path):
 
     probe()
     assert seen == [0.0, 25.0, 50.0, 75.0, 100.0]
+
+
+def test_folder_source_staleness_without_prefect(tmp_path, capsys):
+    """Folder shards hash their members: one changed image makes its shard stale."""
+    import random
+
+    from clipbatch.plan import plan_shards
+    from clipbatch.runner import run_shard
+    from clipbatch.synthetic import jpeg_bytes, random_spec, render
+
+    rng = random.Random(4)
+    src = tmp_path / "photos" / "a"
+    src.mkdir(parents=True)
+    for i in range(3):
+        spec = random_spec(rng)
+        (src / f"img{i}.jpg").write_bytes(jpeg_bytes(render(spec, 64, rng)))
+        (src / f"img{i}.txt").write_text(spec.caption())
+    dest = tmp_path / "emb"
+    config = build_config(
+        {
+            "source": {"url": str(tmp_path / "photos"), "kind": "folder", "folder_shard_size": 2},
+            "dest": str(dest),
+            "model": "tiny",
+            "runtime": {"device": "cpu", "batch_size": 8},
+        }
+    )
+    plan = plan_shards(config)
+    assert len(plan.todo) == 2
+    for shard in plan.todo:
+        run_shard(shard, config, "local-run", plan.fingerprints[shard.name])
+    assert cli(["lineage", str(dest)]) == 0
+    capsys.readouterr()
+
+    (src / "img2.jpg").write_bytes(b"\xff\xd8 a different, longer image than before" * 3)
+    assert cli(["lineage", str(dest), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert {f["file"].rsplit("/", 1)[-1]: f["stale"] for f in report["files"]} == {
+        "folder-00000.parquet": False,
+        "folder-00001.parquet": True,
+    }

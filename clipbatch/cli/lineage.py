@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
             raise SourceError(f"no row with key {args.key!r} in {args.dest}")
         file_uri, row = found
         files = [file_uri]
-    report = [file_lineage(f, storage, storage) for f in files]
+    folders: dict[str, dict[str, str]] = {}
+    report = [file_lineage(f, storage, storage, folders) for f in files]
     stale = [r for r in report if r.stale]
     if args.json:
         print(

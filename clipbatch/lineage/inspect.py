@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clipbatch.config import StorageOptions
-from clipbatch.errors import SourceError
+from clipbatch.errors import ClipbatchError, SourceError
 from clipbatch.sink import read_file_metadata
 from clipbatch.storage import get_fs, object_version, to_uri, with_retries
 
@@ -74,17 +74,50 @@ def table_files(dest: str, storage: StorageOptions) -> list[str]:
     )
 
 
+def folder_versions(
+    uri: str, source_options: dict[str, Any], storage: StorageOptions
+) -> dict[str, str]:
+    """Shard name -> version now, for a folder source: its shards hash their members."""
+    from clipbatch.config import SourceConfig
+    from clipbatch.sources import get_reader
+
+    known = {k: v for k, v in source_options.items() if k in SourceConfig.model_fields}
+    known.update(url=uri, kind="folder", storage=storage)
+    try:
+        shards = get_reader(SourceConfig.model_validate(known)).list_shards()
+    except (FileNotFoundError, ClipbatchError) as e:
+        log.info("cannot list folder source %s: %s", uri, e)
+        return {}
+    return {s.name: s.version for s in shards}
+
+
 def file_lineage(
-    file_uri: str, storage: StorageOptions, source_storage: StorageOptions
+    file_uri: str,
+    storage: StorageOptions,
+    source_storage: StorageOptions,
+    folder_cache: dict[str, dict[str, str]] | None = None,
 ) -> FileLineage:
     meta = read_file_metadata(file_uri, storage) or {}
     source = meta.get("source") or {}
     uri, version = source.get("uri"), source.get("version")
+    if not uri:
+        now = None
+    elif source.get("kind") == "folder":
+        # A folder shard's version hashes its members' versions: list and hash again,
+        # once per folder however many files came from it.
+        cache = folder_cache if folder_cache is not None else {}
+        if uri not in cache:
+            options = (meta.get("options") or {}).get("source_options") or {}
+            cache[uri] = folder_versions(uri, options, source_storage)
+        name = file_uri.rsplit("/", 1)[-1].removesuffix(".parquet")
+        now = cache[uri].get(name)
+    else:
+        now = current_version(uri, version, source_storage)
     return FileLineage(
         file=file_uri,
         source_uri=uri,
         source_version=version,
-        current_version=current_version(uri, version, source_storage) if uri else None,
+        current_version=now,
         model=meta.get("model") or {},
         run=meta.get("run") or {},
         written_at=meta.get("written_at"),
