@@ -5,10 +5,11 @@
 #   deployments/setup-work-pools.sh docker     # + GPU docker pool
 #   deployments/setup-work-pools.sh kubernetes # + GPU kubernetes pool
 #
-# GPU slots stay bounded two ways, both set here or below:
-#   - the GPU pool's concurrency limit (GPU_SLOTS), across all of its workers: the server
-#     hands out no more runs than that;
-#   - each worker's `--limit N` (flow runs per worker; one per GPU on the box).
+# GPU slots stay bounded by the server, whatever the number of workers:
+#   - clipbatch-local: the `default` queue's concurrency limit (GPU_SLOTS); the backfill
+#     runs from the `control` queue, so its waiting never takes a GPU slot;
+#   - the GPU pools: the pool's concurrency limit (GPU_SLOTS).
+# Each worker's `--limit N` bounds its flow-run processes on top of that.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -28,6 +29,8 @@ create_pool() {  # name type [base-job-template]
 }
 
 create_pool "$LOCAL_POOL" process
+# Embedding runs use the `default` queue (one per GPU slot); the backfill uses `control`.
+prefect work-queue set-concurrency-limit default "$GPU_SLOTS" --pool "$LOCAL_POOL"
 
 case "${1:-}" in
     docker)

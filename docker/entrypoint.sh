@@ -12,7 +12,7 @@ fi
 
 : "${PREFECT_API_URL:?set PREFECT_API_URL, e.g. http://prefect-server:4200/api}"
 pool="${CLIPBATCH_WORK_POOL:-clipbatch-local}"
-limit="${CLIPBATCH_WORKER_LIMIT:-1}"
+limit="${CLIPBATCH_WORKER_LIMIT:-4}"
 
 for _ in $(seq 1 60); do
     curl -fsS "${PREFECT_API_URL%/}/health" >/dev/null 2>&1 && break
@@ -21,9 +21,12 @@ done
 curl -fsS "${PREFECT_API_URL%/}/health" >/dev/null || { echo "Prefect API not reachable at $PREFECT_API_URL" >&2; exit 1; }
 
 prefect work-pool inspect "$pool" >/dev/null 2>&1 || prefect work-pool create "$pool" --type process
+# Embedding runs come from the `default` queue: one per GPU. The backfill's `control`
+# queue is unbounded there; the worker's --limit bounds processes overall.
+prefect work-queue set-concurrency-limit default "${CLIPBATCH_GPU_SLOTS:-1}" --pool "$pool"
 if [[ "${CLIPBATCH_DEPLOY_ON_START:-0}" == "1" ]]; then
     (cd "${CLIPBATCH_HOME:-/opt/clipbatch}" && prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml)
 fi
 
-# --limit bounds concurrent flow runs on this box: one per GPU keeps them from sharing.
+# --limit bounds flow-run processes on this box: GPU slots plus room for backfill runs.
 exec prefect worker start --pool "$pool" --type process --limit "$limit"

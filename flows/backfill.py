@@ -21,6 +21,7 @@ from prefect import flow
 from prefect.artifacts import create_table_artifact
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
+from prefect.exceptions import PrefectHTTPStatusError
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -193,14 +194,28 @@ def backfill(spec: BackfillConfig) -> dict[str, Any]:
             while pending and len(active) < spec.max_concurrent_runs:
                 partition = pending.pop(0)
                 params = child_parameters(spec, partition)
-                child = run_deployment(
-                    spec.deployment,
-                    parameters=params,
-                    idempotency_key=idempotency_key(spec, params),
-                    flow_run_name=f"backfill-{partition}",
-                    tags=["backfill"],
-                    timeout=0,  # we poll ourselves, so the window stays full
-                )
+                try:
+                    child = run_deployment(
+                        spec.deployment,
+                        parameters=params,
+                        idempotency_key=idempotency_key(spec, params),
+                        flow_run_name=f"backfill-{partition}",
+                        tags=["backfill"],
+                        timeout=0,  # we poll ourselves, so the window stays full
+                    )
+                except PrefectHTTPStatusError as e:
+                    # The child deployment refused the parameters (its schema differs):
+                    # record why, and go on with the other partitions.
+                    detail = e.response.text if e.response is not None else str(e)
+                    logger.error("%s: child run refused: %s", partition, detail)
+                    rows[partition] = {
+                        "partition": partition,
+                        "flow_run_id": "",
+                        "flow_run_name": "",
+                        "state": f"Refused: {detail[:300]}",
+                        "reused": False,
+                    }
+                    continue
                 reused = (
                     started is not None and child.created is not None and child.created < started
                 )

@@ -156,8 +156,19 @@ def test_worker_gpu_reservation_and_volumes(compose: dict[str, Any], dockerfile)
     worker = compose["services"]["worker"]
     (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
-    # One flow run per reserved GPU.
-    assert int(_env(worker)["CLIPBATCH_WORKER_LIMIT"]) == int(device["count"])
+    # One embedding run per reserved GPU, and worker slots to spare for backfill runs,
+    # which wait on their children from another queue.
+    env = _env(worker)
+    assert int(env["CLIPBATCH_GPU_SLOTS"]) == int(device["count"])
+    assert int(env["CLIPBATCH_WORKER_LIMIT"]) > int(env["CLIPBATCH_GPU_SLOTS"])
+    queues = {d["name"]: d["work_pool"]["work_queue_name"] for d in _prefect_yaml()["deployments"]}
+    assert queues == {
+        "embed-nightly": "default",
+        "embed-adhoc": "default",
+        "embed-backfill": "control",
+    }
+    entry = (DOCKER / "entrypoint.sh").read_text()
+    assert 'set-concurrency-limit default "${CLIPBATCH_GPU_SLOTS' in entry
 
     # Every named volume is declared, and none is left unused.
     used = set()

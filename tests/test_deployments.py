@@ -1,0 +1,412 @@
+"""Issue 7: the deployments, run the way platform teams run them.
+
+Real processes on loopback: `prefect server start` (SQLite in tmp), the process work
+pool, `prefect deploy --all --prefect-file deployments/prefect.yaml` and a process
+worker, all subprocesses with PREFECT_API_URL set. Object storage is the session's moto
+server, reached by the flow-run processes through AWS_ENDPOINT_URL_S3 exactly as a
+worker in docker/compose.yaml reaches MinIO.
+
+Every flow run is a fresh Python on the worker (~10 s of imports on 2 cores), so the
+module makes 9 of them in all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import boto3
+import httpx
+import pytest
+
+from clipbatch.synthetic import write_webdataset
+from tests.conftest import free_port, upload_dir
+from tests.helpers import read_table
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+ROOT = Path(__file__).resolve().parent.parent
+PREFECT = [sys.executable, "-m", "prefect"]
+POOL = "clipbatch-local"
+NIGHTLY_BUCKET = "clipbatch"  # named in deployments/prefect.yaml
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+# A tiny CPU model in every run: the deployments' own defaults name ViT-B/32.
+TINY = {"model": "tiny", "device": "cpu"}
+
+
+class Stack:
+    """A running server + worker, and a REST client for it."""
+
+    def __init__(self, api: str, env: dict[str, str], logs: Path, s3: str) -> None:
+        self.api = api
+        self.env = env
+        self.logs = logs
+        self.s3 = s3
+        self.http = httpx.Client(base_url=api, timeout=30)
+
+    def cli(self, *args: str, timeout: float = 120) -> str:
+        proc = subprocess.run(
+            [*PREFECT, *args],
+            env=self.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        assert proc.returncode == 0, (
+            f"prefect {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+        )
+        return proc.stdout
+
+    def deployment(self, name: str) -> dict[str, Any]:
+        r = self.http.get(f"/deployments/name/{name}")
+        r.raise_for_status()
+        return r.json()
+
+    def flow_run(self, run_id: str) -> dict[str, Any]:
+        r = self.http.get(f"/flow_runs/{run_id}")
+        r.raise_for_status()
+        return r.json()
+
+    def flow_runs(self, **flt: Any) -> list[dict[str, Any]]:
+        r = self.http.post("/flow_runs/filter", json={**flt, "limit": 200})
+        r.raise_for_status()
+        return r.json()
+
+    def wait(self, run_id: str, timeout: float = 180) -> dict[str, Any]:
+        """Poll until the run is final; assert it Completed, with the worker log if not."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run = self.flow_run(run_id)
+            if run["state_type"] in FINAL:
+                assert run["state_type"] == "COMPLETED", (
+                    f"run {run['name']} ended {run['state_name']}: {run['state']['message']}\n"
+                    f"{self.worker_log()}"
+                )
+                return run
+            time.sleep(1)
+        raise AssertionError(f"run {run_id} not final after {timeout}s\n{self.worker_log()}")
+
+    def create_run(self, deployment: str, body: dict[str, Any]) -> httpx.Response:
+        dep = self.deployment(deployment)
+        return self.http.post(f"/deployments/{dep['id']}/create_flow_run", json=body)
+
+    def worker_log(self) -> str:
+        return (self.logs / "worker.log").read_text()[-6000:]
+
+
+def _wait_healthy(api: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"prefect server not healthy after {timeout}s:\n{log.read_text()[-4000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iterator[Stack]:
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_API_URL=api,
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2",
+        PREFECT_WORKER_QUERY_SECONDS="1",
+        PREFECT_WORKER_PREFETCH_SECONDS="1",
+        PREFECT_LOGGING_LEVEL="INFO",
+        # What the flow-run processes read: the code directory for the pull step, and
+        # the object store. Credentials come from conftest's environment (moto's).
+        CLIPBATCH_HOME=str(ROOT),
+        AWS_ENDPOINT_URL_S3=s3_endpoint,
+        PYTHONPATH=str(ROOT),
+    )
+    server_log = home / "server.log"
+    worker_log = home / "worker.log"
+    procs: list[subprocess.Popen] = []
+    with server_log.open("w") as slog, worker_log.open("w") as wlog:
+        try:
+            server = subprocess.Popen(
+                [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                env=env,
+                cwd=home,
+                stdout=slog,
+                stderr=subprocess.STDOUT,
+            )
+            procs.append(server)
+            _wait_healthy(api, server, server_log)
+            s = Stack(api, env, home, s3_endpoint)
+            # The documented set-up script: the pool, and the `default` queue's GPU slots
+            # (3 here, so the backfill's children run side by side).
+            setup = subprocess.run(
+                ["bash", "deployments/setup-work-pools.sh"],
+                env={
+                    **env,
+                    "GPU_SLOTS": "3",
+                    "PATH": f"{Path(sys.executable).parent}:{env['PATH']}",
+                },
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert setup.returncode == 0, setup.stdout + setup.stderr
+            # The worker starts (~10 s of imports) while `prefect deploy` runs.
+            worker = subprocess.Popen(
+                [*PREFECT, "worker", "start", "--pool", POOL, "--limit", "4"],
+                env=env,
+                cwd=ROOT,
+                stdout=wlog,
+                stderr=subprocess.STDOUT,
+            )
+            procs.append(worker)
+            s.cli("deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+            yield s
+        finally:
+            for proc in reversed(procs):
+                _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def nightly_bucket(s3_endpoint: str) -> str:
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+        client.create_bucket(Bucket=NIGHTLY_BUCKET)
+    return NIGHTLY_BUCKET
+
+
+def _dataset(tmp: Path, bucket: str, prefix: str, endpoint: str, shards: int, seed: int) -> str:
+    write_webdataset(tmp, shards=shards, per_shard=4, seed=seed, size=48)
+    return upload_dir(tmp, bucket, prefix, endpoint)
+
+
+def _objects(endpoint: str, bucket: str, prefix: str) -> dict[str, tuple[str, str]]:
+    """Table files under prefix: name -> (ETag, LastModified); a rewrite changes both."""
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            name = obj["Key"][len(prefix) :].lstrip("/")
+            if name.endswith(".parquet") and not name.startswith("_"):
+                out[name] = (obj["ETag"], obj["LastModified"].isoformat())
+    return out
+
+
+def _run_id(cli_output: str) -> str:
+    match = re.search(r"UUID:\s*([0-9a-f-]{36})", cli_output)
+    assert match, cli_output
+    return match.group(1)
+
+
+def test_deployment_run_with_params(stack: Stack, tmp_path: Path, s3_bucket: str) -> None:
+    source = _dataset(tmp_path / "raw", s3_bucket, "adhoc/raw", stack.s3, shards=2, seed=1)
+    dest = f"s3://{s3_bucket}/adhoc/emb"
+    out = stack.cli(
+        "deployment",
+        "run",
+        "embed-dataset/embed-adhoc",
+        "--param",
+        f"source={source}",
+        "--param",
+        f"dest={dest}",
+        "--params",
+        json.dumps(TINY),
+    )
+    run = stack.wait(_run_id(out))
+    assert run["parameters"] == {"source": source, "dest": dest, **TINY}
+    table, files = read_table(dest, stack.s3)
+    assert files == ["00000.parquet", "00001.parquet"]
+    assert table.num_rows == 8 and set(table.column("status").to_pylist()) == {"ok"}
+
+
+def test_nightly_schedule(stack: Stack, tmp_path: Path, nightly_bucket: str) -> None:
+    # The server's scheduler makes the upcoming runs: 00:30 in Berlin, whatever UTC says.
+    dep = stack.deployment("embed-dataset/embed-nightly")
+    assert dep["concurrency_limit"] == 1 or dep["global_concurrency_limit"]["limit"] == 1
+    deadline = time.monotonic() + 60
+    upcoming: list[dict[str, Any]] = []
+    while not upcoming and time.monotonic() < deadline:
+        upcoming = stack.flow_runs(deployments={"id": {"any_": [dep["id"]]}})
+        time.sleep(1)
+    assert upcoming, "the scheduler made no runs for embed-nightly"
+    berlin = ZoneInfo("Europe/Berlin")
+    for run in upcoming:
+        local = dt.datetime.fromisoformat(run["expected_start_time"]).astimezone(berlin)
+        assert (local.hour, local.minute) == (0, 30), local
+
+    # Partitions on both sides of the UTC date line; only the Berlin reading is right.
+    ep = stack.s3
+    _dataset(tmp_path / "d1", nightly_bucket, "raw/2026-11-01", ep, shards=1, seed=2)
+    _dataset(tmp_path / "d2", nightly_bucket, "raw/2026-11-02", ep, shards=2, seed=3)
+    # 23:30 UTC on Nov 2 is 00:30 on Nov 3 in Berlin: the night that embeds Nov 2.
+    night = "2026-11-02T23:30:00+00:00"
+    body = {"state": {"type": "SCHEDULED", "state_details": {"scheduled_time": night}}}
+    r = stack.create_run("embed-dataset/embed-nightly", {**body, "parameters": TINY})
+    assert r.status_code == 201, r.text
+    stack.wait(r.json()["id"])
+    dest = "embeddings/vit-b-32/date=2026-11-02"
+    first = _objects(ep, nightly_bucket, dest)
+    assert sorted(first) == ["00000.parquet", "00001.parquet"]
+    assert _objects(ep, nightly_bucket, "embeddings/vit-b-32/date=2026-11-01") == {}
+
+    # A late shard lands in the same partition; the next run of that night embeds only it.
+    late = tmp_path / "late"
+    for old in write_webdataset(late, shards=3, per_shard=4, seed=4, size=48)[:2]:
+        old.unlink()  # only 00002.tar is new
+    upload_dir(late, nightly_bucket, "raw/2026-11-02", ep)
+    r = stack.create_run("embed-dataset/embed-nightly", {**body, "parameters": TINY})
+    assert r.status_code == 201, r.text
+    stack.wait(r.json()["id"])
+    second = _objects(ep, nightly_bucket, dest)
+    assert sorted(second) == ["00000.parquet", "00001.parquet", "00002.parquet"]
+    assert {k: second[k] for k in first} == first  # untouched: skipped by fingerprint
+    table, _ = read_table(f"s3://{nightly_bucket}/{dest}", ep)
+    assert table.num_rows == 12
+
+
+def test_backfill_three_partitions_twice(stack: Stack, tmp_path: Path, s3_bucket: str) -> None:
+    ep = stack.s3
+    days = ["2026-10-01", "2026-10-02", "2026-10-03"]
+    for i, day in enumerate(days):
+        _dataset(tmp_path / day, s3_bucket, f"bf/raw/{day}", ep, shards=1, seed=10 + i)
+    spec = {
+        "source_template": f"s3://{s3_bucket}/bf/raw/{{date}}/",
+        "dest_template": f"s3://{s3_bucket}/bf/emb/{{date}}/",
+        "start_date": days[0],
+        "end_date": days[-1],
+        "model": {"name": "tiny"},
+        "runtime": {"device": "cpu", "batch_size": 8, "task_retries": 0},
+        "max_concurrent_runs": 3,
+        "poll_seconds": 1,
+    }
+    # The backfill waits from the `control` queue; its children take `default` slots.
+    assert stack.deployment("embed-backfill/embed-backfill")["work_queue_name"] == "control"
+    args = ("deployment", "run", "embed-backfill/embed-backfill", "--params")
+    parent = stack.wait(_run_id(stack.cli(*args, json.dumps({"spec": spec}))), timeout=200)
+    adhoc = stack.deployment("embed-dataset/embed-adhoc")["id"]
+    by_backfill = {
+        "flow_runs": {"tags": {"all_": ["backfill"]}},
+        "deployments": {"id": {"any_": [adhoc]}},
+    }
+    children = stack.flow_runs(**by_backfill)
+    assert sorted(c["name"] for c in children) == [f"backfill-{d}" for d in days]
+    assert {c["state_type"] for c in children} == {"COMPLETED"}
+    assert {c["parameters"]["partition"] for c in children} == set(days)
+    outputs = {}
+    for day in days:
+        outputs[day] = _objects(ep, s3_bucket, f"bf/emb/{day}")
+        assert sorted(outputs[day]) == ["00000.parquet"], day
+        table, _ = read_table(f"s3://{s3_bucket}/bf/emb/{day}", ep)
+        assert table.num_rows == 4
+        assert table.column("source_uri")[0].as_py().endswith(f"bf/raw/{day}/00000.tar")
+    artifact = _artifact(stack, parent["id"])
+    assert [(r["partition"], r["state"], r["reused"]) for r in artifact] == [
+        (d, "Completed", False) for d in days
+    ]
+
+    # Second trigger of the same backfill: no new child runs, no rewritten output.
+    again = stack.wait(_run_id(stack.cli(*args, json.dumps({"spec": spec}))), timeout=120)
+    assert len(stack.flow_runs(**by_backfill)) == 3
+    for day in days:
+        assert _objects(ep, s3_bucket, f"bf/emb/{day}") == outputs[day]
+    rows = _artifact(stack, again["id"])
+    assert [(r["partition"], r["state"], r["reused"]) for r in rows] == [
+        (d, "Completed", True) for d in days
+    ]
+    assert {r["flow_run_id"] for r in rows} == {c["id"] for c in children}
+
+
+def _artifact(stack: Stack, flow_run_id: str) -> list[dict[str, Any]]:
+    r = stack.http.post(
+        "/artifacts/filter",
+        json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}, "type": {"any_": ["table"]}}},
+    )
+    r.raise_for_status()
+    (artifact,) = r.json()
+    data = artifact["data"]
+    return json.loads(data) if isinstance(data, str) else data
+
+
+def test_ui_custom_run(stack: Stack, tmp_path: Path, s3_bucket: str) -> None:
+    source = _dataset(tmp_path / "raw", s3_bucket, "ui/raw", stack.s3, shards=1, seed=20)
+    dest = f"s3://{s3_bucket}/ui/emb"
+    # The body the UI's "Custom run" form posts: the form's JSON, a state, and options.
+    form = {
+        "config": {
+            "source": {"url": source, "kind": "webdataset"},
+            "sink": {"url": dest, "dtype": "float32"},
+            "model": {"name": "tiny"},
+            "runtime": {"device": "cpu", "batch_size": 4},
+        }
+    }
+    body = {
+        "name": "ui-custom-run",
+        "parameters": form,
+        "state": {"type": "SCHEDULED", "message": "Run from the Prefect UI", "state_details": {}},
+        "tags": ["ui"],
+        "enforce_parameter_schema": True,
+        "job_variables": {},
+    }
+    r = stack.create_run("embed-dataset/embed-adhoc", body)
+    assert r.status_code == 201, r.text
+    stack.wait(r.json()["id"])
+    table, files = read_table(dest, stack.s3)
+    assert files == ["00000.parquet"] and table.num_rows == 4
+    assert table.schema.field("image_embedding").type.value_type == "float"
+
+    # Out of bounds: refused before any run exists, with the field and the bound named.
+    bad = json.loads(json.dumps(body))
+    bad["parameters"]["config"]["runtime"]["batch_size"] = 0
+    bad["name"] = "ui-bad-run"
+    r = stack.create_run("embed-dataset/embed-adhoc", bad)
+    assert r.status_code == 409, r.text
+    message = r.json()["detail"]
+    assert "batch_size" in message and "minimum of 1" in message, message
+    assert stack.flow_runs(flow_runs={"name": {"any_": ["ui-bad-run"]}}) == []
+
+    # The backfill form refuses a bad bound the same way.
+    r = stack.create_run(
+        "embed-backfill/embed-backfill",
+        {
+            **body,
+            "parameters": {
+                "spec": {
+                    "source_template": "s3://b/{date}/",
+                    "dest_template": "s3://b/e/{date}/",
+                    "max_concurrent_runs": 0,
+                }
+            },
+        },
+    )
+    assert r.status_code == 409, r.text
+    assert "max_concurrent_runs" in r.json()["detail"], r.text
