@@ -369,6 +369,12 @@ def write_table_corpus(root: Path, http_base: str, s3_base: str) -> dict[str, Ex
             Expect("ok", good_ref, "a flaky url", False),
         ),
         (
+            "c-local",  # a table in object storage must not read the worker's disk
+            "/etc/hostname",
+            b"a local file",
+            Expect("unsafe_path", error_has="local file"),
+        ),
+        (
             "c-404",
             f"{http_base}/missing.jpg",
             b"a 404",

@@ -33,13 +33,20 @@ import pyarrow.parquet as pq
 
 from clipbatch.config import SourceConfig
 from clipbatch.errors import ConfigError, SourceError
-from clipbatch.records import BAD_ROW, DUPLICATE_KEY, MISSING_IMAGE, RawSample, ShardSpec
+from clipbatch.records import (
+    BAD_ROW,
+    DUPLICATE_KEY,
+    MISSING_IMAGE,
+    UNSAFE_PATH,
+    RawSample,
+    ShardSpec,
+)
 from clipbatch.sources.detect import TABLE_SUFFIXES
 from clipbatch.sources.fetch import Fetcher
 from clipbatch.sources.listing import list_files
 from clipbatch.sources.text import caption_from_value
 from clipbatch.sources.webdataset import _check_unique_names, sidecar_name
-from clipbatch.storage import get_fs, object_version, to_uri, with_retries
+from clipbatch.storage import get_fs, is_local, object_version, to_uri, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +313,11 @@ class TableReader:
             )
         if not isinstance(value, str):
             return None, None, (BAD_ROW, f"image cell has type {type(value).__name__}, not a path")
-        return None, self._resolve(value.strip(), shard), None
+        ref = self._resolve(value.strip(), shard)
+        if is_local(ref) and not is_local(shard.base_uri or shard.uri):
+            # A table in object storage must not make a worker read its own disk.
+            return None, None, (UNSAFE_PATH, f"a remote table may not reference local file {ref!r}")
+        return None, ref, None
 
     @staticmethod
     def _resolve(ref: str, shard: ShardSpec) -> str:
