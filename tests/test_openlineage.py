@@ -77,11 +77,8 @@ def test_run_events_validate_and_link(
         parent = e["run"]["facets"]["parent"]
         assert parent["run"]["runId"] == parent_run_id
         assert parent["job"]["name"] == "backfill-parent"
-        assert e["inputs"] == [
-            {"namespace": f"s3://{s3_bucket}", "name": "laion", "facets": {}}
-        ] or (
-            e["inputs"][0]["namespace"] == f"s3://{s3_bucket}" and e["inputs"][0]["name"] == "laion"
-        )
+        (inp,) = e["inputs"]
+        assert (inp["namespace"], inp["name"]) == (f"s3://{s3_bucket}", "laion")
         assert e["outputs"][0]["namespace"] == f"s3://{s3_bucket}"
         assert e["outputs"][0]["name"] == "emb"
     done = flow_events[-1]
@@ -164,12 +161,14 @@ def test_failed_shard_sends_fail_and_the_record_says_how_far(
         validate_event(event)
     flow_events = [e for e in events if e["job"]["name"] == "embed-dataset"]
     assert [e["eventType"] for e in flow_events] == ["START", "FAIL"]
-    assert "TooManyErrors" in flow_events[-1]["run"]["facets"]["errorMessage"]["message"] or (
-        "failed" in flow_events[-1]["run"]["facets"]["errorMessage"]["message"]
-    )
-    assert flow_events[0]["inputs"][0] == {"namespace": "file", "name": str(src), "facets": {}} or (
-        flow_events[0]["inputs"][0]["namespace"] == "file"
-    )
+    message = flow_events[-1]["run"]["facets"]["errorMessage"]["message"]
+    assert message.startswith("RunFailedError: 1 of 2 shard(s) failed: 00001: TooManyErrorsError")
+    (inp,) = flow_events[0]["inputs"]
+    assert (inp["namespace"], inp["name"]) == ("file", str(src))
+    shard_fail = [e for e in events if e["eventType"] == "FAIL" and e is not flow_events[-1]]
+    (fail,) = shard_fail
+    assert fail["inputs"][0]["name"] == str(src / "00001.tar")
+    assert "TooManyErrorsError" in fail["run"]["facets"]["errorMessage"]["message"]
     shard_states = sorted(
         e["eventType"] for e in events if e["job"]["name"].endswith("encode-shard")
     )
