@@ -14,9 +14,11 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from clipbatch.config import SourceConfig
 from clipbatch.errors import ConfigError, is_transient
@@ -24,6 +26,7 @@ from clipbatch.records import FETCH_ERROR, NOT_FOUND, TOO_LARGE
 from clipbatch.storage import get_fs
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _USER_AGENT = "clipbatch/0.1 (+https://github.com/clipbatch)"
 _BACKOFF_BASE_S = 0.2
@@ -72,6 +75,32 @@ class Fetcher:
             futures = [pool.submit(self.fetch, r) if r is not None else None for r in refs]
             for f in futures:
                 yield f.result() if f is not None else None
+
+    def fetch_ordered(
+        self, items: Iterable[tuple[T, str | None]]
+    ) -> Iterator[tuple[T, Fetched | None]]:
+        """(item, result) in input order, fetching up to 4x ``fetch_concurrency`` rows ahead.
+
+        A sliding window rather than batches: one slow URL holds back only the rows
+        behind it in the output, while fetches further ahead keep running.
+        """
+        window = 4 * self.concurrency
+        pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="fetch")
+        pending: deque[tuple[T, Future[Fetched] | None]] = deque()
+        try:
+            for item, ref in items:
+                pending.append((item, pool.submit(self.fetch, ref) if ref is not None else None))
+                while pending and (
+                    len(pending) >= window or pending[0][1] is None or pending[0][1].done()
+                ):
+                    head, future = pending.popleft()
+                    yield head, future.result() if future is not None else None
+            while pending:
+                head, future = pending.popleft()
+                yield head, future.result() if future is not None else None
+        finally:
+            # A consumer that stops early must not wait for fetches it will never read.
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def fetch(self, ref: str) -> Fetched:
         for attempt in range(self.retries + 1):

@@ -153,14 +153,14 @@ class TableReader:
     def read(self, shard: ShardSpec) -> Iterator[RawSample]:
         self._check_columns(shard)
         seen: dict[str, int] = {}
-        batch: list[tuple[int, dict[str, Any] | str]] = []
-        for index, row in self._rows(shard):
-            batch.append((index, row))
-            if len(batch) >= _BATCH_ROWS:
-                yield from self._samples(shard, batch, seen)
-                batch = []
-        if batch:
-            yield from self._samples(shard, batch, seen)
+        samples = (self._sample(shard, index, row, seen) for index, row in self._rows(shard))
+        for sample, got in self.fetcher.fetch_ordered(samples):
+            if got is not None:
+                if got.data is not None:
+                    sample.image_bytes = got.data
+                else:
+                    sample.status, sample.error = got.status, got.error
+            yield sample
         self._text_rows.pop(shard.uri, None)
 
     def _check_columns(self, shard: ShardSpec) -> None:
@@ -226,23 +226,6 @@ class TableReader:
         parsed = _parse_csv(text, path) if table_format(path) == "csv" else _parse_jsonl(text)
         self._text_rows = {shard.uri: parsed}  # one file at a time: bounded memory
         return parsed
-
-    def _samples(
-        self, shard: ShardSpec, batch: list[tuple[int, dict[str, Any] | str]], seen: dict[str, int]
-    ) -> Iterator[RawSample]:
-        samples: list[RawSample] = []
-        refs: list[str | None] = []
-        for index, row in batch:
-            sample, ref = self._sample(shard, index, row, seen)
-            samples.append(sample)
-            refs.append(ref)
-        for sample, got in zip(samples, self.fetcher.fetch_many(refs), strict=True):
-            if got is not None:
-                if got.data is not None:
-                    sample.image_bytes = got.data
-                else:
-                    sample.status, sample.error = got.status, got.error
-            yield sample
 
     def _sample(
         self, shard: ShardSpec, index: int, row: dict[str, Any] | str, seen: dict[str, int]
