@@ -71,6 +71,9 @@ _TRANSIENT_MARKERS = (
     "connection reset",
     "connection aborted",
     "connection refused",
+    "could not connect",  # botocore EndpointConnectionError: the store is down
+    "connection was closed",  # botocore ConnectionClosedError
+    "read timeout",
     "server disconnected",
     "timed out",
     "timeout",

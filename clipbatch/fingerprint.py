@@ -23,12 +23,24 @@ def output_options(config: EmbedConfig) -> dict[str, Any]:
     }
 
 
-def shard_fingerprint(shard: ShardSpec, config: EmbedConfig, model_sha256: str) -> str:
+def shard_fingerprint(
+    shard: ShardSpec,
+    config: EmbedConfig,
+    model_sha256: str,
+    sidecar_version: str | None = None,
+) -> str:
+    """Hash of everything that decides a shard's output bytes (design.md §4).
+
+    ``sidecar_version`` is the version of a webdataset shard's img2dataset
+    ``.parquet``: its columns pass through into our rows, so a re-crawled sidecar
+    next to an unchanged tar must redo the shard too.
+    """
     payload = {
         "source_uri": shard.uri,
         "source_version": shard.version,
         "members": list(shard.members),
         "sidecar": shard.sidecar_uri,
+        "sidecar_version": sidecar_version,
         "row_range": list(shard.row_range) if shard.row_range else None,
         "model_sha256": model_sha256,
         "options": output_options(config),

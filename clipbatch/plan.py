@@ -12,13 +12,14 @@ import logging
 from dataclasses import dataclass, field
 
 from clipbatch.config import EmbedConfig
+from clipbatch.errors import SourceError
 from clipbatch.fingerprint import shard_fingerprint
 from clipbatch.manifest import read_manifest, update_manifest
 from clipbatch.model import ResolvedCheckpoint, resolve_checkpoint
 from clipbatch.records import ShardResult, ShardSpec
 from clipbatch.sink import output_uri, read_file_metadata
 from clipbatch.sources import get_reader
-from clipbatch.storage import get_fs, with_retries
+from clipbatch.storage import get_fs, object_version, to_uri, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,36 @@ def existing_outputs(config: EmbedConfig) -> set[str]:
     return names
 
 
+def sidecar_versions(config: EmbedConfig, shards: list[ShardSpec]) -> dict[str, str]:
+    """Shard name -> version of its sidecar ``.parquet``, from one listing per folder."""
+    wanted = {s.sidecar_uri: s.name for s in shards if s.sidecar_uri}
+    if not wanted:
+        return {}
+    fs, _ = get_fs(config.source.url, config.source.storage)
+    folders = sorted({uri.rsplit("/", 1)[0] for uri in wanted})
+    out: dict[str, str] = {}
+    for folder in folders:
+        _, path = get_fs(folder, config.source.storage)
+        infos = with_retries(lambda p=path: fs.ls(p, detail=True), f"list {folder}")
+        for info in infos:
+            uri = to_uri(fs, info["name"])
+            if uri in wanted:
+                out[wanted[uri]] = object_version(fs, info["name"], info)
+    missing = [name for uri, name in wanted.items() if name not in out]
+    if missing:
+        # Listed as present a moment ago: a vanishing sidecar is a changing source.
+        raise SourceError(f"sidecar parquet of shard(s) {missing[:5]} disappeared while planning")
+    return out
+
+
 def plan_shards(config: EmbedConfig, shards: list[ShardSpec] | None = None) -> RunPlan:
     checkpoint = resolve_checkpoint(config.model)
     shards = shards if shards is not None else get_reader(config.source).list_shards()
-    fingerprints = {s.name: shard_fingerprint(s, config, checkpoint.sha256) for s in shards}
+    sidecars = sidecar_versions(config, shards)
+    fingerprints = {
+        s.name: shard_fingerprint(s, config, checkpoint.sha256, sidecars.get(s.name))
+        for s in shards
+    }
     plan = RunPlan(checkpoint=checkpoint, shards=shards, fingerprints=fingerprints)
     if config.sink.overwrite:
         plan.todo = list(shards)

@@ -8,6 +8,7 @@ from typing import Any
 
 from clipbatch.config import EmbedConfig
 from clipbatch.encode import ClipEncoder
+from clipbatch.faults import crash_point
 from clipbatch.manifest import update_manifest
 from clipbatch.model import load_model
 from clipbatch.pipeline import ProgressFn, ShardContext, process_shard
@@ -54,6 +55,9 @@ def run_shard(
     """Encode, commit and index one shard."""
     ctx = shard_context(config, run_id, run_meta)
     result = process_shard(shard, ctx, fingerprint)
+    crash_point("before_manifest", shard.name)
+    # The thread lock saves pointless conditional-write races between this process's
+    # own shard threads; update_manifest itself is safe across processes.
     with _manifest_lock:
         update_manifest(config.sink, {shard.name: manifest_record(result, run_id)})
     return result

@@ -5,6 +5,14 @@ A shard is written to a local temp file as row groups stream in, then staged at
 and moved to ``{dest}/{name}.parquet``: a rename on local disk, a server-side copy
 then delete on object stores. ``_manifest.json`` is updated last. A reader never
 sees a half-written shard, and a rerun writes the same name, never a second copy.
+
+Staging folders are per process, ``_tmp/{run_id}__{host}__{pid}__{token}/``, so a
+retried flow run (same run id) or several worker processes never share one. The
+next run removes the staging a crashed run left, and only that: a folder whose
+process is gone on this host, or whose newest object is older than
+``STALE_AFTER_SECONDS`` (a live commit stages, verifies and moves within seconds of
+the upload, so an hour-old staged object has no live owner). A concurrent live run's
+staging is never deleted.
 """
 
 from __future__ import annotations
@@ -13,7 +21,10 @@ import contextlib
 import hashlib
 import logging
 import os
+import socket
 import tempfile
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +34,7 @@ import pyarrow.parquet as pq
 
 from clipbatch.config import SinkConfig
 from clipbatch.errors import ShardVerificationError
+from clipbatch.faults import crash_point
 from clipbatch.records import OK, PreparedSample
 from clipbatch.storage import get_fs, is_local_fs, join, move, remove_quietly, with_retries
 from clipbatch.table import build_schema, decode_metadata, encode_metadata
@@ -30,14 +42,26 @@ from clipbatch.table import build_schema, decode_metadata, encode_metadata
 log = logging.getLogger(__name__)
 
 TMP_DIR = "_tmp"
+STALE_AFTER_SECONDS = 3600.0
+_SEP = "__"
+_PROCESS_TOKEN = uuid.uuid4().hex[:8]
 
 
 def output_uri(dest: str, name: str) -> str:
     return join(dest, f"{name}.parquet")
 
 
+def _host() -> str:
+    return socket.gethostname().replace(_SEP, "_").replace("/", "_") or "host"
+
+
+def staging_id(run_id: str) -> str:
+    """This process's staging folder name for ``run_id``: who owns it is in the name."""
+    return _SEP.join((run_id.replace(_SEP, "_"), _host(), str(os.getpid()), _PROCESS_TOKEN))
+
+
 def staging_uri(dest: str, run_id: str, name: str) -> str:
-    return join(dest, TMP_DIR, run_id, f"{name}.parquet")
+    return join(dest, TMP_DIR, staging_id(run_id), f"{name}.parquet")
 
 
 @dataclass
@@ -158,20 +182,22 @@ class ShardWriter:
         try:
             sha = _file_sha256(self._local)
             verify_parquet(self._local, None, self.rows, self.schema, fingerprint)
+            crash_point("before_staging", self.name)
             final = output_uri(self.sink.url, self.name)
             staged = staging_uri(self.sink.url, self.run_id, self.name)
             fs, staged_path = get_fs(staged, self.sink.storage)
             _, final_path = get_fs(final, self.sink.storage)
             if is_local_fs(fs):
-                os.makedirs(os.path.dirname(staged_path), exist_ok=True)
-                with open(self._local, "rb") as src, open(staged_path, "wb") as dst:
-                    _copy(src, dst)
-                    dst.flush()
-                    os.fsync(dst.fileno())
+                _stage_local(self._local, staged_path)
             else:
                 with_retries(lambda: fs.put_file(self._local, staged_path), f"upload {staged}")
             verify_parquet(staged_path, fs, self.rows, self.schema, fingerprint)
-            move(fs, staged_path, final_path)
+            crash_point("after_staging", self.name)
+            move(fs, staged_path, final_path, self.name)
+            if is_local_fs(fs):
+                # Only our own folder: _tmp itself may be in use by a concurrent run.
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.dirname(staged_path))
             return final, sha
         finally:
             self.discard_local()
@@ -219,24 +245,108 @@ def read_file_metadata(uri: str, storage: Any = None) -> dict[str, Any] | None:
     return decode_metadata(meta.metadata)
 
 
-def clean_staging(sink: SinkConfig, keep_run: str | None = None) -> int:
-    """Remove ``_tmp/`` left by crashed runs. Returns how many run folders were removed."""
+def clean_staging(
+    sink: SinkConfig, keep_run: str | None = None, stale_after: float = STALE_AFTER_SECONDS
+) -> int:
+    """Remove ``_tmp/`` folders left by crashed runs; keep live ones. Returns how many went."""
     fs, root = get_fs(join(sink.url, TMP_DIR), sink.storage)
     try:
-        entries = with_retries(lambda: fs.ls(root, detail=False), f"list {root}")
+        entries = with_retries(lambda: fs.ls(root, detail=True), f"list {root}")
     except FileNotFoundError:
         return 0
     removed = 0
     for entry in entries:
-        if keep_run and entry.rstrip("/").endswith(f"/{keep_run}"):
+        path = entry["name"].rstrip("/")
+        folder = path.rsplit("/", 1)[-1]
+        if keep_run and folder.split(_SEP, 1)[0] == keep_run and _owner_alive(folder):
             continue
-        remove_quietly(fs, entry, recursive=True)
+        reason = _stale_reason(fs, path, folder, stale_after)
+        if reason is None:
+            log.info("leaving %s: it belongs to a live run", path)
+            continue
+        log.info("removing stale staging %s (%s)", path, reason)
+        remove_quietly(fs, path, recursive=True)
         removed += 1
     return removed
 
 
+def _owner_alive(folder: str) -> bool | None:
+    """True/False when the folder's owner is a process on this host; None if unknown."""
+    parts = folder.split(_SEP)
+    if len(parts) != 4 or parts[1] != _host() or not parts[2].isdigit():
+        return None
+    return _pid_alive(int(parts[2]))
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        import psutil
+
+        return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except ImportError:
+        pass
+    except Exception:  # the process vanished while we looked
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stale_reason(fs: Any, path: str, folder: str, stale_after: float) -> str | None:
+    alive = _owner_alive(folder)
+    if alive is False:
+        return "its process has exited"
+    if alive:
+        return None
+    try:
+        infos = with_retries(lambda: fs.find(path, detail=True), f"list {path}")
+    except FileNotFoundError:
+        return "empty"
+    if isinstance(infos, dict):
+        infos = list(infos.values())
+    if not infos:
+        return "empty"
+    newest = max(_mtime(i) for i in infos)
+    age = time.time() - newest
+    return f"untouched for {age:.0f}s" if age > stale_after else None
+
+
+def _mtime(info: dict[str, Any]) -> float:
+    for key in ("mtime", "LastModified", "last_modified", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if hasattr(value, "timestamp"):
+            return float(value.timestamp())
+        with contextlib.suppress(TypeError, ValueError):
+            return float(value)
+    return time.time()  # unknown age: treat as fresh, never delete what may be live
+
+
 def ok_count(counts: dict[str, int]) -> int:
     return counts.get(OK, 0)
+
+
+def _stage_local(local: str, staged_path: str) -> None:
+    # Another shard thread of this process removes the shared staging folder once
+    # it is empty; recreate it if that happened between makedirs and open.
+    for attempt in range(3):
+        os.makedirs(os.path.dirname(staged_path), exist_ok=True)
+        try:
+            with open(local, "rb") as src, open(staged_path, "wb") as dst:
+                _copy(src, dst)
+                dst.flush()
+                os.fsync(dst.fileno())
+            return
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
 
 
 def _file_sha256(path: str) -> str:

@@ -22,6 +22,7 @@ from fsspec.core import url_to_fs
 
 from clipbatch.config import StorageOptions
 from clipbatch.errors import ConfigError, TransientIOError, is_transient
+from clipbatch.faults import crash_point
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -142,14 +143,19 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
     with_retries(lambda: fs.pipe_file(path, data), f"write {path}")
 
 
-def move(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
-    """Move a staged file into place: rename locally, copy then delete on stores."""
+def move(fs: fsspec.AbstractFileSystem, src: str, dst: str, shard: str = "") -> None:
+    """Move a staged file into place: rename locally, copy then delete on stores.
+
+    A crash between the copy and the delete leaves a staged copy behind; it is
+    bookkeeping under ``_tmp/``, never read, and removed by the next run's cleanup.
+    """
     if _is_local_fs(fs):
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         os.replace(src, dst)
         return
     # A server-side copy is atomic for readers of dst: they see all of it or nothing.
     with_retries(lambda: fs.copy(src, dst), f"copy {src} -> {dst}")
+    crash_point("mid_move", shard)
     remove_quietly(fs, src)
 
 

@@ -1,0 +1,54 @@
+"""Deterministic fault points, switched on by environment variables (tests and drills).
+
+Production code calls these hooks at the instants that matter for exactly-once
+output; with the variables unset each hook is one dict lookup and does nothing.
+
+- ``CLIPBATCH_CRASH_AT=point[:shard]`` SIGKILLs this process at ``point`` (one of
+  :data:`CRASH_POINTS`), optionally only for shard ``shard``. SIGKILL, not an
+  exception, so no ``finally`` or ``atexit`` runs: the same as a lost machine.
+- ``CLIPBATCH_FAULT_OOM_ABOVE=N`` makes every model forward pass over more than N
+  rows raise :class:`torch.OutOfMemoryError`, as a GPU would, so the OOM back-off can
+  be exercised on a CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+log = logging.getLogger(__name__)
+
+CRASH_ENV = "CLIPBATCH_CRASH_AT"
+OOM_ENV = "CLIPBATCH_FAULT_OOM_ABOVE"
+
+CRASH_POINTS = (
+    "before_staging",  # local file complete, nothing uploaded yet
+    "after_staging",  # staged file uploaded and verified, not moved
+    "mid_move",  # final key written, staged copy not yet deleted (object stores)
+    "before_manifest",  # shard committed, manifest not updated
+)
+
+
+def crash_point(point: str, shard: str) -> None:
+    """SIGKILL this process if ``CLIPBATCH_CRASH_AT`` selects ``point`` (and ``shard``)."""
+    spec = os.environ.get(CRASH_ENV)
+    if not spec:
+        return
+    want, _, want_shard = spec.partition(":")
+    if want not in CRASH_POINTS:
+        raise ValueError(f"{CRASH_ENV}={spec!r}: point must be one of {CRASH_POINTS}")
+    if want == point and (not want_shard or want_shard == shard):
+        log.warning("fault injection: SIGKILL at %s of shard %s", point, shard)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def before_forward(rows: int) -> None:
+    """Raise a real :class:`torch.OutOfMemoryError` if ``rows`` exceeds the injected limit."""
+    limit = os.environ.get(OOM_ENV)
+    if limit and rows > int(limit):
+        import torch
+
+        raise torch.OutOfMemoryError(
+            f"CUDA out of memory (injected by {OOM_ENV}={limit}: batch of {rows} rows)"
+        )

@@ -1,0 +1,308 @@
+"""A small fault-injecting HTTP proxy for tests, in front of moto's S3 server.
+
+Clients point their ``endpoint_url`` at the proxy. Each request gets its own
+upstream connection (the proxy rewrites ``Connection: close``), so faults can be
+aimed at single requests. Faults come from a queue of rules, each matching an HTTP
+method and a path substring and firing for its next ``count`` matching requests:
+
+- ``delay``: wait ``seconds`` before forwarding;
+- ``slowdown``: answer ``503 SlowDown`` with S3's XML error body;
+- ``reset``: abort the client's connection with a TCP RST before any answer;
+- ``cut``: forward, then send the response head and only half of its body, then RST.
+
+``down()`` / ``up()`` close and reopen the listening socket on the same port, so the
+store looks stopped (connection refused) and then restarted. Counters of requests
+seen and faults fired are in :attr:`FaultProxy.stats`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+SLOWDOWN_BODY = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+FAULTS = ("delay", "slowdown", "reset", "cut")
+
+
+@dataclass
+class Rule:
+    fault: str
+    count: int
+    method: str | None = None  # GET, PUT, HEAD, ... or None for any
+    path: str = ""  # substring of the request target
+    seconds: float = 0.0
+    skip: int = 0  # let this many matching requests through first
+
+    def matches(self, method: str, target: str) -> bool:
+        return (self.method is None or self.method == method) and self.path in target
+
+
+class FaultProxy:
+    def __init__(self, upstream: str, host: str = "127.0.0.1", port: int = 0) -> None:
+        up = upstream.split("://", 1)[-1].rstrip("/")
+        uhost, _, uport = up.partition(":")
+        self.upstream = (uhost, int(uport or 80))
+        self.host = host
+        self._lock = threading.Lock()
+        self._rules: list[Rule] = []
+        self.stats: Counter[str] = Counter()
+        self._listener: socket.socket | None = None
+        self._stop = threading.Event()
+        self.port = port
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> FaultProxy:
+        self._listen()
+        return self
+
+    def _listen(self) -> None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((self.host, self.port))
+        s.listen(128)
+        s.settimeout(0.2)
+        self.port = s.getsockname()[1]
+        self._listener = s
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._accept_loop, args=(s,), daemon=True)
+        self._thread.start()
+
+    def down(self) -> None:
+        """Stop listening: new connections are refused, as by a stopped server."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        if self._listener:
+            self._listener.close()
+        self._listener = None
+        self.stats["outages"] += 1
+
+    def up(self) -> None:
+        self._listen()
+
+    def stop(self) -> None:
+        if self._listener:
+            self.down()
+
+    # -- rules -----------------------------------------------------------------
+    def inject(
+        self,
+        fault: str,
+        count: int = 1,
+        method: str | None = None,
+        path: str = "",
+        seconds: float = 0.0,
+        skip: int = 0,
+    ) -> None:
+        if fault not in FAULTS:
+            raise ValueError(f"fault must be one of {FAULTS}")
+        with self._lock:
+            self._rules.append(Rule(fault, count, method, path, seconds, skip))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._rules.clear()
+
+    def pending(self) -> int:
+        with self._lock:
+            return sum(r.count for r in self._rules)
+
+    def _pick(self, method: str, target: str) -> Rule | None:
+        with self._lock:
+            self.stats["requests"] += 1
+            self.stats[f"requests_{method}"] += 1
+            for rule in self._rules:
+                if rule.count > 0 and rule.matches(method, target):
+                    if rule.skip > 0:
+                        rule.skip -= 1
+                        continue
+                    rule.count -= 1
+                    self.stats[f"{rule.fault}_{method}"] += 1
+                    self.stats[rule.fault] += 1
+                    return rule
+            return None
+
+    # -- serving ---------------------------------------------------------------
+    def _accept_loop(self, listener: socket.socket) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            head, rest = _read_head(client)
+            if head is None:
+                client.close()
+                return
+            method, target = _request_line(head)
+            rule = self._pick(method, target)
+            if rule and rule.fault == "delay":
+                time.sleep(rule.seconds)
+            if rule and rule.fault == "reset":
+                _reset(client)
+                return
+            expects = _expects_continue(head)
+            if rule and rule.fault == "slowdown":
+                # Like S3: a client waiting for "100 Continue" gets the error instead
+                # and never sends its body; otherwise read the body before answering.
+                if not expects:
+                    _drain_body(client, head, rest)
+                client.sendall(
+                    b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+                    + f"Content-Length: {len(SLOWDOWN_BODY)}\r\n".encode()
+                    + b"Connection: close\r\n\r\n"
+                    + SLOWDOWN_BODY
+                )
+                client.close()
+                return
+            upstream = socket.create_connection(self.upstream, timeout=30)
+            if rule and rule.fault == "cut" and expects:
+                # We read the body ourselves below, so we answer the client's
+                # "Expect: 100-continue" ourselves and do not pass it upstream.
+                client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                head = _drop_header(head, b"expect:")
+            upstream.sendall(_force_close(head) + rest)
+            if rule and rule.fault == "cut":
+                # The whole request body goes up first, on this thread: a second thread
+                # blocked in recv() on the client socket would delay the RST below.
+                _forward_body(client, upstream, head, rest)
+                self._forward_cut(client, upstream)
+                return
+            _pipe(client, upstream)
+        except OSError:
+            client.close()
+
+    def _forward_cut(self, client: socket.socket, upstream: socket.socket) -> None:
+        """Send the upstream response head and half its body, then reset."""
+        head, rest = _read_head(upstream)
+        if head is None:
+            _reset(client)
+            return
+        length = _content_length(head)
+        body = rest
+        while length is not None and len(body) < length:
+            chunk = upstream.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        upstream.close()
+        if body:
+            client.sendall(head + body[: len(body) // 2])
+        else:  # nothing to cut in an empty body (a PUT's answer): cut the head instead
+            client.sendall(head[: len(head) // 2])
+        _reset(client)
+
+
+def _read_head(sock: socket.socket) -> tuple[bytes | None, bytes]:
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None, b""
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    return head + b"\r\n\r\n", rest
+
+
+def _request_line(head: bytes) -> tuple[str, str]:
+    line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    parts = line.split(" ")
+    return parts[0].upper(), parts[1] if len(parts) > 1 else ""
+
+
+def _content_length(head: bytes) -> int | None:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value.strip())
+    return None
+
+
+def _expects_continue(head: bytes) -> bool:
+    return any(
+        ln.lower().startswith(b"expect:") and b"100-continue" in ln.lower()
+        for ln in head.split(b"\r\n")
+    )
+
+
+def _drop_header(head: bytes, prefix: bytes) -> bytes:
+    lines = [ln for ln in head.rstrip(b"\r\n").split(b"\r\n") if not ln.lower().startswith(prefix)]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def _force_close(head: bytes) -> bytes:
+    lines = [
+        ln
+        for ln in head.rstrip(b"\r\n").split(b"\r\n")
+        if not ln.lower().startswith((b"connection:", b"keep-alive:"))
+    ]
+    return b"\r\n".join([*lines, b"Connection: close"]) + b"\r\n\r\n"
+
+
+def _drain_body(sock: socket.socket, head: bytes, rest: bytes) -> None:
+    length = _content_length(head) or 0
+    got = len(rest)
+    sock.settimeout(5)
+    while got < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        got += len(chunk)
+
+
+def _forward_body(src: socket.socket, dst: socket.socket, head: bytes, rest: bytes) -> None:
+    remaining = (_content_length(head) or 0) - len(rest)
+    while remaining > 0:
+        chunk = src.recv(min(65536, remaining))
+        if not chunk:
+            break
+        dst.sendall(chunk)
+        remaining -= len(chunk)
+
+
+def _reset(sock: socket.socket) -> None:
+    # SO_LINGER with a zero timeout makes close() send RST instead of FIN.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def _copy(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while True:
+            chunk = src.recv(65536)
+            if not chunk:
+                break
+            dst.sendall(chunk)
+    except OSError:
+        pass
+    finally:
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_WR)
+
+
+def _pipe(client: socket.socket, upstream: socket.socket) -> None:
+    t = threading.Thread(target=_copy, args=(client, upstream), daemon=True)
+    t.start()
+    _copy(upstream, client)
+    t.join(timeout=30)
+    client.close()
+    upstream.close()

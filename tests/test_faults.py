@@ -1,0 +1,334 @@
+"""Issue 5: exactly-once output under real faults (design.md §2, §4, §5).
+
+Storage is moto's S3 server; faults are real: a proxy of ours answering 503 SlowDown,
+resetting connections and cutting bodies off (tests/faultproxy.py), a storage server
+stopped mid-run, worker processes SIGKILLed at exact commit points (CLIPBATCH_CRASH_AT,
+clipbatch/faults.py), two runs at once on one destination. Every case ends by
+comparing the table, row for row, with a fault-free run over the same source.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from clipbatch.config import ModelConfig, StorageOptions, build_config
+from clipbatch.encode import ClipEncoder
+from clipbatch.faults import OOM_ENV
+from clipbatch.manifest import read_manifest, update_manifest
+from clipbatch.model import load_model
+from clipbatch.storage import get_fs
+from clipbatch.synthetic import write_webdataset
+from clipbatch.table import decode_metadata
+from tests.conftest import free_port, upload_dir
+from tests.faultproxy import FaultProxy
+from tests.faultworker import start_worker
+from tests.helpers import read_table
+
+pytestmark = pytest.mark.timeout(240)
+
+SHARDS = 4
+PER_SHARD = 4
+# botocore's own retries off, so the faults reach s3fs's and our retry layers.
+NO_BOTO_RETRIES = {"config_kwargs": {"retries": {"max_attempts": 1}, "read_timeout": 10}}
+
+
+def make_config(source: str, dest: str, endpoint: str, extra: dict | None = None, **runtime):
+    storage = {"endpoint_url": endpoint, "extra": extra or {}}
+    return build_config(
+        {
+            "source": {"url": source, "storage": storage},
+            "sink": {"url": dest, "storage": storage},
+            "model": {"name": "tiny"},
+            "runtime": {
+                "device": "cpu",
+                "batch_size": 4,
+                "decode_workers": 1,
+                "task_retries": 0,
+                "retry_delay_seconds": 0,
+                **runtime,
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_endpoint: str) -> str:
+    name = f"faults-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, bucket: str, s3_endpoint: str) -> str:
+    local = tmp_path_factory.mktemp("src")
+    write_webdataset(local, shards=SHARDS, per_shard=PER_SHARD, seed=5, size=48)
+    return upload_dir(local, bucket, "src", s3_endpoint)
+
+
+@pytest.fixture(scope="module")
+def reference(prefect_harness, source: str, bucket: str, s3_endpoint: str) -> pa.Table:
+    """The fault-free run's table, sorted by key."""
+    from flows.embed import embed_dataset
+
+    dest = f"s3://{bucket}/reference"
+    summary = embed_dataset(make_config(source, dest, s3_endpoint))
+    assert summary["shards_committed"] == SHARDS
+    return sorted_table(dest, s3_endpoint)
+
+
+@pytest.fixture
+def proxy(s3_endpoint: str):
+    p = FaultProxy(s3_endpoint).start()
+    yield p
+    p.stop()
+
+
+def sorted_table(dest: str, endpoint: str) -> pa.Table:
+    table, _ = read_table(dest, endpoint)
+    return table.sort_by("key")
+
+
+def assert_exact(dest: str, endpoint: str, reference: pa.Table) -> None:
+    """One file per shard, no _tmp left, manifest = footers, rows equal the reference."""
+    fs, root = get_fs(dest, StorageOptions(endpoint_url=endpoint))
+    objects = [p[len(root) + 1 :] for p in fs.find(root)]
+    assert not [p for p in objects if p.startswith("_tmp")], objects
+    files = sorted(p for p in objects if p.endswith(".parquet"))
+    assert files == [f"{i:05d}.parquet" for i in range(SHARDS)]
+    table = sorted_table(dest, endpoint)
+    keys = table.column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == SHARDS * PER_SHARD  # no duplicates, none missing
+    assert table.schema.equals(reference.schema)
+    numeric = {"image_embedding", "text_embedding", "similarity"}
+    differ = [
+        c for c in reference.column_names if c not in numeric and not table[c].equals(reference[c])
+    ]
+    assert not differ, f"columns differ from the fault-free run: {differ}"
+    # Embeddings: the same rows, equal up to CPU kernel nondeterminism. BLAS may use
+    # fewer threads on a loaded machine, which changes summation order in the last
+    # float32 bits and can flip a float16 rounding; nothing else may differ.
+    for c in numeric:
+        got = np.asarray(table[c].to_pylist(), np.float32)
+        want = np.asarray(reference[c].to_pylist(), np.float32)
+        np.testing.assert_allclose(got, want, atol=2e-3, rtol=0, err_msg=c)
+    manifest = json.loads(fs.cat_file(f"{root}/_manifest.json"))["shards"]
+    assert sorted(manifest) == [f"{i:05d}" for i in range(SHARDS)]
+    for name, entry in manifest.items():
+        meta = decode_metadata(pq.read_metadata(f"{root}/{name}.parquet", filesystem=fs).metadata)
+        assert entry["fingerprint"] == meta["fingerprint"]
+        assert entry["rows"] == meta["rows"] == PER_SHARD
+
+
+@pytest.mark.slow
+def test_transient_read_and_write_faults_give_exact_output(
+    prefect_harness, source, bucket, s3_endpoint, reference, proxy
+):
+    from flows.embed import embed_dataset
+
+    dest = f"s3://{bucket}/transient"
+    cfg = make_config(source, dest, proxy.url, NO_BOTO_RETRIES, task_retries=2)
+    # Reads of the tar shards: throttled, reset, cut off mid-body, slow.
+    proxy.inject("slowdown", 2, "GET", ".tar")
+    proxy.inject("reset", 2, "GET", ".tar")
+    proxy.inject("cut", 2, "GET", ".tar")
+    proxy.inject("delay", 4, "GET", ".tar", seconds=0.3)
+    # Writes: the manifest PUT reset; a staged upload that lands but whose answer is
+    # cut off; and 26 SlowDowns in a row on staging uploads, more than s3fs (5) times
+    # our own with_retries (5) absorb, so the task itself fails and is retried.
+    proxy.inject("reset", 1, "PUT", "_manifest.json")
+    proxy.inject("cut", 1, "PUT", "/_tmp/")
+    proxy.inject("slowdown", 26, "PUT", "/_tmp/")
+    summary = embed_dataset(cfg)
+    assert summary["shards_committed"] == SHARDS and summary["shards_failed"] == 0
+    assert proxy.pending() == 0, "every injected fault fired"
+    assert proxy.stats["slowdown"] == 28 and proxy.stats["reset"] == 3
+    assert proxy.stats["cut"] == 3
+    assert_exact(dest, s3_endpoint, reference)
+    _record("transient", dict(proxy.stats))
+
+
+@pytest.mark.slow
+def test_storage_server_stopped_mid_run_then_rerun_is_exact(
+    prefect_harness, source, bucket, s3_endpoint, reference
+):
+    """A second moto server (same in-process store) is stopped under a worker, restarted."""
+    from moto.server import ThreadedMotoServer
+
+    from flows.embed import embed_dataset
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    dest = f"s3://{bucket}/outage"
+    # botocore's retries off: our backoff (at most ~6 s in all) is then shorter than
+    # the 7 s outage, so a worker caught mid-run fails instead of riding it out.
+    cfg = make_config(source, dest, endpoint, NO_BOTO_RETRIES)
+    worker = start_worker(cfg, Path(f"/tmp/clipbatch-outage-{uuid.uuid4().hex}.json"))
+    # Stop the store as soon as the first shard is committed: the worker is mid-run.
+    sink = cfg.sink.model_copy(update={"storage": StorageOptions(endpoint_url=s3_endpoint)})
+    deadline = time.monotonic() + 120
+    while not read_manifest(sink)["shards"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    server.stop()
+    stopped_at = len(read_manifest(sink)["shards"])
+    time.sleep(7)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        code, report = worker.wait()
+        # Either the worker's retries outlasted the outage, or it failed: both are fine.
+        assert code == 0 or report is None
+        summary = embed_dataset(cfg)
+        assert summary["shards_failed"] == 0
+        assert summary["shards_committed"] + summary["shards_skipped"] == SHARDS
+        assert_exact(dest, endpoint, reference)
+        _record(
+            "outage",
+            {
+                "committed_before_stop": stopped_at,
+                "worker_exit": code,
+                "rerun_committed": summary["shards_committed"],
+                "rerun_skipped": summary["shards_skipped"],
+            },
+        )
+    finally:
+        server.stop()
+
+
+CRASH_CASES = {
+    # point: (staged object left behind, final file left behind, shards the rerun skips)
+    "before_staging": (False, False, 1),
+    "after_staging": (True, False, 1),
+    "mid_move": (True, True, 2),
+    "before_manifest": (False, True, 2),
+}
+
+
+@pytest.mark.slow
+def test_worker_sigkilled_at_each_commit_point_then_rerun_is_exact(
+    prefect_harness, source, bucket, s3_endpoint, reference, tmp_path
+):
+    from flows.embed import embed_dataset
+
+    workers = {}
+    for point in CRASH_CASES:
+        cfg = make_config(source, f"s3://{bucket}/kill-{point}", s3_endpoint)
+        env = {"CLIPBATCH_CRASH_AT": f"{point}:00001"}
+        workers[point] = (cfg, start_worker(cfg, tmp_path / f"{point}.json", env))
+    figures = {}
+    for point, (cfg, worker) in workers.items():
+        code, report = worker.wait()
+        assert code == -9 and report is None, f"{point}: the worker was not killed"
+        staged_left, final_left, skips = CRASH_CASES[point]
+        fs, root = get_fs(cfg.sink.url, cfg.sink.storage)
+        objects = [p[len(root) + 1 :] for p in fs.find(root)]
+        assert any(p.startswith("_tmp/") for p in objects) == staged_left, objects
+        assert ("00001.parquet" in objects) == final_left, objects
+        assert "00001" not in read_manifest(cfg.sink)["shards"]
+        summary = embed_dataset(cfg)
+        # Only the remaining shards are encoded; what was committed is reused.
+        assert summary["shards_skipped"] == skips
+        assert summary["shards_committed"] == SHARDS - skips
+        assert_exact(cfg.sink.url, s3_endpoint, reference)
+        figures[point] = {"skipped_on_rerun": skips, "redone": SHARDS - skips}
+    _record("sigkill", figures)
+
+
+@pytest.mark.slow
+def test_two_concurrent_runs_on_one_dest_leave_a_valid_table(
+    source, bucket, s3_endpoint, reference, tmp_path
+):
+    cfg = make_config(source, f"s3://{bucket}/concurrent", s3_endpoint)
+    a = start_worker(cfg, tmp_path / "a.json")
+    b = start_worker(cfg, tmp_path / "b.json")
+    (code_a, rep_a), (code_b, rep_b) = a.wait(), b.wait()
+    assert code_a == 0 and code_b == 0
+    # Between them every shard was done at least once; which run did it is a race.
+    assert set(rep_a["done"]) | set(rep_b["done"]) == {f"{i:05d}" for i in range(SHARDS)}
+    assert_exact(cfg.sink.url, s3_endpoint, reference)
+    _record("concurrent", {"a": len(rep_a["done"]), "b": len(rep_b["done"])})
+
+
+@pytest.mark.parametrize("store", ["s3", "local"])
+def test_concurrent_manifest_updates_lose_nothing(store, bucket, s3_endpoint, tmp_path):
+    """8 threads x 8 updates race on one manifest: every entry survives.
+
+    A plain read-modify-write loses entries here; the conditional PUT (S3 If-Match)
+    and the flock (local) make each update merge with the ones before it.
+    """
+    url = f"s3://{bucket}/manifest-race" if store == "s3" else str(tmp_path / "race")
+    sink = build_config(
+        {"source": "x", "sink": {"url": url, "storage": {"endpoint_url": s3_endpoint}}}
+    ).sink
+    errors: list[BaseException] = []
+
+    def writer(t: int) -> None:
+        try:
+            for i in range(8):
+                update_manifest(sink, {f"t{t}-{i}": {"fingerprint": f"{t}.{i}"}})
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    shards = read_manifest(sink)["shards"]
+    assert sorted(shards) == sorted(f"t{t}-{i}" for t in range(8) for i in range(8))
+
+
+def test_gpu_oom_halves_the_batch_and_goes_on(monkeypatch):
+    """A real torch.OutOfMemoryError from forward passes over 3 rows (CLIPBATCH_FAULT_OOM_ABOVE)."""
+    loaded = load_model(ModelConfig(name="tiny"), "cpu")
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (10, *(loaded.input_resolution,) * 2, 3), dtype=np.uint8)
+    captions = [f"a photo of thing {i}" for i in range(10)]
+    clean = ClipEncoder(loaded, batch_size=8)
+    want_img = clean.encode_images(pixels)
+    want_txt, _ = clean.encode_texts(captions)
+
+    monkeypatch.setenv(OOM_ENV, "3")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    log = logging.getLogger("clipbatch.encode")
+    log.addHandler(handler)
+    try:
+        enc = ClipEncoder(loaded, batch_size=8)
+        got_img = enc.encode_images(pixels)
+        got_txt, _ = enc.encode_texts(captions)
+    finally:
+        log.removeHandler(handler)
+    assert enc.batch_size == 2  # 8 -> 4 -> 2, then kept
+    assert got_img.shape == want_img.shape and got_txt.shape == want_txt.shape
+    np.testing.assert_allclose(got_img, want_img, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got_txt, want_txt, rtol=1e-4, atol=1e-5)
+    messages = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert any("out of memory at batch 8" in m for m in messages), messages
+
+    monkeypatch.setenv(OOM_ENV, "0")  # even one row fails: that is not recoverable
+    with pytest.raises(RuntimeError, match="out of memory"):
+        ClipEncoder(loaded, batch_size=4).encode_images(pixels[:2])
+
+
+def _record(case: str, figures: dict) -> None:
+    """Figures for bench/RESULTS.md, when CLIPBATCH_FAULT_FIGURES names a file."""
+    path = os.environ.get("CLIPBATCH_FAULT_FIGURES")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"case": case, **figures}, default=str) + "\n")
