@@ -198,6 +198,18 @@ class RuntimeConfig(_Frozen):
         "auto", description="'auto' is fp16 on CUDA and fp32 on the CPU."
     )
     batch_size: int = Field(256, ge=1, le=65_536, description="Images per forward pass.")
+    # A separate switch, not batch_size='auto': the UI form and the server's parameter
+    # check keep a plain integer field with its bounds.
+    auto_batch_size: bool = Field(
+        False,
+        description="Find the largest batch that fits on the GPU, probed once per process "
+        "starting from batch_size (the CLI's --batch-size auto). The OOM back-off remains.",
+    )
+    devices: tuple[str, ...] = Field(
+        (),
+        description="Several devices on one node, e.g. ['cuda:0', 'cuda:1'] or ['all']: one "
+        "worker process per device, shards spread across them. Empty: just 'device'.",
+    )
     decode_workers: int = Field(
         0, ge=0, le=256, description="Decode/preprocess threads; 0 picks one per core."
     )

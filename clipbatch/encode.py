@@ -27,8 +27,38 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+AUTO_START = 256  # a batch every supported GPU fits with ViT-B/32 and ViT-L/14
+AUTO_LIMIT = 4096
+
+
 def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def probe_batch_size(fits: Callable[[int], None], start: int, limit: int) -> int:
+    """Double from ``start`` while ``fits(size)`` returns; the last size that did.
+
+    ``fits`` raises an out-of-memory error when a size does not fit. When even
+    ``start`` does not fit, halve until one does (down to 1).
+    """
+    size = start
+    while True:
+        try:
+            fits(size)
+            break
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not is_oom(e) or size == 1:
+                raise
+            size = max(1, size // 2)
+    while size * 2 <= limit:
+        try:
+            fits(size * 2)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not is_oom(e):
+                raise
+            break
+        size *= 2
+    return size
 
 
 class ClipEncoder:
@@ -50,17 +80,25 @@ class ClipEncoder:
         self._sot = self._tokenizer.encoder["<|startoftext|>"]
         self._eot = self._tokenizer.encoder["<|endoftext|>"]
 
+    @property
+    def pins_memory(self) -> bool:
+        """Whether host batches should be pinned for asynchronous copies (CUDA only)."""
+        return self._pin
+
     # -- images ----------------------------------------------------------------
-    def pixels_to_input(self, pixels: np.ndarray) -> torch.Tensor:
+    def pixels_to_input(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 NxHxWx3 -> normalised float NCHW on the device (ToTensor+Normalize, batched)."""
-        t = torch.from_numpy(pixels)
-        if self._pin:
+        t = torch.from_numpy(pixels) if isinstance(pixels, np.ndarray) else pixels
+        if self._pin and t.device.type == "cpu" and not t.is_pinned():
             t = t.pin_memory()
-        t = t.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        return self._normalise(t.to(self.device, non_blocking=True))
+
+    def _normalise(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.permute(0, 3, 1, 2).float().div_(255)
         # The same ops, in the same order, as ToTensor + Normalize: bit-identical inputs.
         return t.sub_(self._mean).div_(self._std)
 
-    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+    def encode_images(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
         """Unnormalised float32 image embeddings for a uint8 NxHxWx3 batch."""
         if len(pixels) == 0:
             return np.zeros((0, self.loaded.embed_dim), np.float32)
@@ -91,12 +129,54 @@ class ClipEncoder:
     def encode_texts(self, captions: Sequence[str]) -> tuple[np.ndarray, list[bool]]:
         """Unnormalised float32 text embeddings, and truncation flags."""
         tokens, truncated = self.tokenize(captions)
-        if len(captions) == 0:
-            return np.zeros((0, self.loaded.embed_dim), np.float32), truncated
-        emb = self._with_oom_backoff(
-            tokens, lambda chunk: encode_text_trimmed(self.model, chunk.to(self.device))
+        return self.encode_tokens(tokens), truncated
+
+    def encode_tokens(self, tokens: torch.Tensor) -> np.ndarray:
+        """Unnormalised float32 text embeddings for tokens from :meth:`tokenize`.
+
+        The pipeline tokenises on its worker pool, off the encode thread, and calls this.
+        """
+        if len(tokens) == 0:
+            return np.zeros((0, self.loaded.embed_dim), np.float32)
+        if self._pin:
+            tokens = tokens.pin_memory()
+        return self._with_oom_backoff(
+            tokens,
+            lambda chunk: encode_text_trimmed(self.model, chunk.to(self.device, non_blocking=True)),
         )
-        return emb, truncated
+
+    # -- batch size --------------------------------------------------------------
+    def find_batch_size(self, start: int = AUTO_START, limit: int = AUTO_LIMIT) -> int:
+        """The largest batch (doubling from ``start``, up to ``limit``) whose forward pass fits.
+
+        On the CPU nothing runs out of memory in a useful way, and a bigger batch is not
+        faster, so the safe start is kept. On CUDA each candidate runs a full image and
+        77-token text forward pass; the OOM back-off still guards every later batch.
+        """
+        if self.device.type != "cuda":
+            self.batch_size = start
+            return start
+        n_px = self.loaded.input_resolution
+        ctx = self.context_tokens
+
+        def fits(size: int) -> None:
+            pixels = torch.zeros(size, n_px, n_px, 3, dtype=torch.uint8, device=self.device)
+            tokens = torch.zeros(size, ctx, dtype=torch.long, device=self.device)
+            tokens[:, -1] = self._eot
+            try:
+                with self._inference():
+                    self.model.encode_image(self._normalise(pixels))
+                    encode_text_trimmed(self.model, tokens)
+                torch.cuda.synchronize(self.device)
+            finally:
+                del pixels, tokens
+                torch.cuda.empty_cache()
+
+        size = probe_batch_size(fits, start, limit)
+        torch.cuda.empty_cache()
+        self.batch_size = size
+        log.info("batch size auto: %d fits on %s", size, self.device)
+        return size
 
     # -- shared ----------------------------------------------------------------
     def _with_oom_backoff(self, batch: np.ndarray | torch.Tensor, forward: Callable) -> np.ndarray:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from clipbatch import __version__
 from clipbatch.config import EmbedConfig
@@ -61,6 +62,21 @@ class ShardContext:
 
 def decode_workers(config: EmbedConfig) -> int:
     return config.runtime.decode_workers or max(1, os.cpu_count() or 1)
+
+
+_auto_sizes: dict[tuple[str, str, str], int] = {}
+_auto_lock = threading.Lock()
+
+
+def auto_batch_size(encoder: ClipEncoder, start: int) -> int:
+    """Probe the largest batch that fits once per process and model; later shards reuse it."""
+    loaded = encoder.loaded
+    key = (loaded.checkpoint.sha256, loaded.device, str(loaded.dtype))
+    with _auto_lock:
+        if key not in _auto_sizes:
+            _auto_sizes[key] = encoder.find_batch_size(start=start)
+        encoder.batch_size = _auto_sizes[key]
+    return encoder.batch_size
 
 
 def _read_ahead(
@@ -128,6 +144,8 @@ def process_shard(shard: ShardSpec, ctx: ShardContext, fingerprint: str) -> Shar
         shard.version,
     )
     skips = SkipLogger(log, shard.name)
+    if cfg.runtime.auto_batch_size:
+        auto_batch_size(ctx.encoder, cfg.runtime.batch_size)
     batch_size = ctx.encoder.batch_size
     rows_q: queue.Queue = queue.Queue(maxsize=4 * batch_size)
     stop = threading.Event()
@@ -140,27 +158,41 @@ def process_shard(shard: ShardSpec, ctx: ShardContext, fingerprint: str) -> Shar
     pool = ThreadPoolExecutor(
         max_workers=decode_workers(cfg), thread_name_prefix=f"decode-{shard.name}"
     )
+    # One thread gathers each batch (stack, pin, tokenise) and one writes Parquet, so the
+    # encode loop below only ever waits for the model.
+    assembler = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{shard.name}")
+    writer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"write-{shard.name}")
+    writes: list[Future] = []
     reader_thread.start()
     try:
-        pending: _DecodedBatch | None = None
+        pending: Future | None = None
         for raw_batch in _batches(rows_q, batch_size):
-            submitted = _submit_decode(pool, raw_batch, opts)
+            submitted = _submit_batch(pool, assembler, raw_batch, opts, ctx.encoder)
             if pending is not None:
-                _encode_and_write(pending.result(), ctx, writer, timings, skips)
+                _encode_and_write(
+                    pending.result(), ctx, writer, writer_pool, writes, timings, skips
+                )
             pending = submitted
         if pending is not None:
-            _encode_and_write(pending.result(), ctx, writer, timings, skips)
+            _encode_and_write(pending.result(), ctx, writer, writer_pool, writes, timings, skips)
+        for w in writes:
+            w.result()
         t0 = time.perf_counter()
         meta = file_metadata(shard, ctx)
         final_uri, sha = writer.close_and_commit(meta, fingerprint)
         timings.write += time.perf_counter() - t0
     except BaseException:
         stop.set()
+        for w in writes:
+            w.cancel()
+        writer_pool.shutdown(wait=True)
         writer.abort()
         raise
     finally:
         stop.set()
         pool.shutdown(wait=True, cancel_futures=True)
+        assembler.shutdown(wait=True, cancel_futures=True)
+        writer_pool.shutdown(wait=True)
         reader_thread.join(timeout=5)
     skips.summary()
     result = ShardResult(
@@ -186,19 +218,9 @@ def process_shard(shard: ShardSpec, ctx: ShardContext, fingerprint: str) -> Shar
 class _Decoded:
     rows: list[PreparedSample]
     seconds: float  # decode time summed over the decode threads
-
-
-class _DecodedBatch:
-    """A batch whose images decode on the pool while the previous batch encodes."""
-
-    def __init__(
-        self, pool: ThreadPoolExecutor, batch: list[RawSample], opts: DecodeOptions
-    ) -> None:
-        self._futures: list[Future] = [pool.submit(_timed_prepare, r, opts) for r in batch]
-
-    def result(self) -> _Decoded:
-        done = [f.result() for f in self._futures]  # order preserved
-        return _Decoded([row for row, _ in done], sum(dt for _, dt in done))
+    pixels: np.ndarray | torch.Tensor | None = None  # stacked uint8 NxHxWx3, pinned on CUDA
+    tokens: torch.Tensor | None = None  # captions of the rows with a caption, tokenised
+    truncated: list[bool] = field(default_factory=list)
 
 
 def _timed_prepare(raw: RawSample, opts: DecodeOptions) -> tuple[PreparedSample, float]:
@@ -207,16 +229,44 @@ def _timed_prepare(raw: RawSample, opts: DecodeOptions) -> tuple[PreparedSample,
     return row, time.perf_counter() - t0
 
 
-def _submit_decode(
-    pool: ThreadPoolExecutor, batch: list[RawSample], opts: DecodeOptions
-) -> _DecodedBatch:
-    return _DecodedBatch(pool, batch, opts)
+def _submit_batch(
+    pool: ThreadPoolExecutor,
+    assembler: ThreadPoolExecutor,
+    batch: list[RawSample],
+    opts: DecodeOptions,
+    encoder: ClipEncoder,
+) -> Future:
+    """Decode the batch's images on the pool; gather them and tokenise on the assembler."""
+    futures = [pool.submit(_timed_prepare, r, opts) for r in batch]
+    return assembler.submit(_assemble, futures, encoder)
+
+
+def _assemble(futures: list[Future], encoder: ClipEncoder) -> _Decoded:
+    done = [f.result() for f in futures]  # order preserved
+    rows = [row for row, _ in done]
+    out = _Decoded(rows, sum(dt for _, dt in done))
+    images = [r.pixels for r in rows if r.pixels is not None]
+    if images:
+        stacked = torch.from_numpy(np.stack(images))
+        out.pixels = stacked.pin_memory() if encoder.pins_memory else stacked
+    captions = [r.raw.caption for r in rows if _has_text(r)]
+    if captions:
+        out.tokens, out.truncated = encoder.tokenize(captions)
+        if encoder.pins_memory:
+            out.tokens = out.tokens.pin_memory()
+    return out
+
+
+def _has_text(r: PreparedSample) -> bool:
+    return r.raw.caption is not None and r.raw.keeps_caption()
 
 
 def _encode_and_write(
     decoded: _Decoded,
     ctx: ShardContext,
     writer: ShardWriter,
+    writer_pool: ThreadPoolExecutor,
+    writes: list[Future],
     timings: StageTimings,
     skips: SkipLogger,
 ) -> None:
@@ -225,22 +275,17 @@ def _encode_and_write(
     n = len(rows)
     t0 = time.perf_counter()
     has_image = np.array([r.pixels is not None for r in rows], dtype=bool)
-    has_text = np.array(
-        [r.raw.caption is not None and r.raw.keeps_caption() for r in rows], dtype=bool
-    )
+    has_text = np.array([_has_text(r) for r in rows], dtype=bool)
     dim = ctx.loaded.embed_dim
     img = np.full((n, dim), np.nan, np.float32) if has_image.any() else None
     txt = np.full((n, dim), np.nan, np.float32) if has_text.any() else None
     truncated = [False] * n
     try:
-        if img is not None:
-            pixels = np.stack([r.pixels for r in rows if r.pixels is not None])
-            img[has_image] = ctx.encoder.encode_images(pixels)
-        if txt is not None:
-            captions = [r.raw.caption for r, m in zip(rows, has_text, strict=True) if m]
-            emb, flags = ctx.encoder.encode_texts(captions)
-            txt[has_text] = emb
-            for i, flag in zip(np.flatnonzero(has_text), flags, strict=True):
+        if img is not None and decoded.pixels is not None:
+            img[has_image] = ctx.encoder.encode_images(decoded.pixels)
+        if txt is not None and decoded.tokens is not None:
+            txt[has_text] = ctx.encoder.encode_tokens(decoded.tokens)
+            for i, flag in zip(np.flatnonzero(has_text), decoded.truncated, strict=True):
                 truncated[i] = flag
     except Exception as e:
         if is_oom(e):
@@ -261,11 +306,22 @@ def _encode_and_write(
         if r.raw.status != OK:
             skips.record(r.raw.key, r.raw.status, r.raw.error)
     timings.encode += time.perf_counter() - t0
+    # Parquet encoding and upload run on the writer thread; two blocks in flight at most,
+    # so memory stays bounded when the sink is slower than the model.
+    while len(writes) >= 2:
+        writes.pop(0).result()
+    block = RowBlock(rows, img, txt, has_image, has_text, truncated)
+    writes.append(writer_pool.submit(_timed_write, ctx, writer, block, timings))
+
+
+def _timed_write(
+    ctx: ShardContext, writer: ShardWriter, block: RowBlock, timings: StageTimings
+) -> None:
     t1 = time.perf_counter()
-    writer.write(RowBlock(rows, img, txt, has_image, has_text, truncated))
+    writer.write(block)
     timings.write += time.perf_counter() - t1
     if ctx.progress:
-        ctx.progress(n)
+        ctx.progress(len(block.rows))
 
 
 def file_metadata(shard: ShardSpec, ctx: ShardContext) -> dict[str, Any]:

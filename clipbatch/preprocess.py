@@ -51,7 +51,8 @@ def resize_crop(rgb: Image.Image, n_px: int, mode: str = "exact") -> np.ndarray:
         resized = TF.resize(rgb, n_px, interpolation=InterpolationMode.BICUBIC)
         return np.asarray(TF.center_crop(resized, n_px), dtype=np.uint8)
     if mode == "fast":
-        return resize_crop_array(np.asarray(rgb, dtype=np.uint8), n_px)
+        # A writable copy: torch does not take read-only numpy buffers without a warning.
+        return resize_crop_array(np.array(rgb, dtype=np.uint8), n_px)
     raise ValueError(f"unknown preprocessing mode {mode!r}; expected one of {MODES}")
 
 
