@@ -264,26 +264,28 @@ def test_nightly_schedule(stack: Stack, tmp_path: Path, nightly_bucket: str) -> 
         local = dt.datetime.fromisoformat(run["expected_start_time"]).astimezone(berlin)
         assert (local.hour, local.minute) == (0, 30), local
 
-    # Partitions on both sides of the UTC date line; only the Berlin reading is right.
+    # A past night: 23:30 UTC on day D is already D+1 in Berlin (00:30 in winter, 01:30
+    # in summer), so the nightly (offset -1) embeds D. Read in UTC it would pick D-1.
+    day = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=20)).date()
+    part, decoy = day.isoformat(), (day - dt.timedelta(days=1)).isoformat()
     ep = stack.s3
-    _dataset(tmp_path / "d1", nightly_bucket, "raw/2026-11-01", ep, shards=1, seed=2)
-    _dataset(tmp_path / "d2", nightly_bucket, "raw/2026-11-02", ep, shards=2, seed=3)
-    # 23:30 UTC on Nov 2 is 00:30 on Nov 3 in Berlin: the night that embeds Nov 2.
-    night = "2026-11-02T23:30:00+00:00"
+    _dataset(tmp_path / "d1", nightly_bucket, f"raw/{decoy}", ep, shards=1, seed=2)
+    _dataset(tmp_path / "d2", nightly_bucket, f"raw/{part}", ep, shards=2, seed=3)
+    night = f"{part}T23:30:00+00:00"
     body = {"state": {"type": "SCHEDULED", "state_details": {"scheduled_time": night}}}
     r = stack.create_run("embed-dataset/embed-nightly", {**body, "parameters": TINY})
     assert r.status_code == 201, r.text
     stack.wait(r.json()["id"])
-    dest = "embeddings/vit-b-32/date=2026-11-02"
+    dest = f"embeddings/vit-b-32/date={part}"
     first = _objects(ep, nightly_bucket, dest)
     assert sorted(first) == ["00000.parquet", "00001.parquet"]
-    assert _objects(ep, nightly_bucket, "embeddings/vit-b-32/date=2026-11-01") == {}
+    assert _objects(ep, nightly_bucket, f"embeddings/vit-b-32/date={decoy}") == {}
 
     # A late shard lands in the same partition; the next run of that night embeds only it.
     late = tmp_path / "late"
     for old in write_webdataset(late, shards=3, per_shard=4, seed=4, size=48)[:2]:
         old.unlink()  # only 00002.tar is new
-    upload_dir(late, nightly_bucket, "raw/2026-11-02", ep)
+    upload_dir(late, nightly_bucket, f"raw/{part}", ep)
     r = stack.create_run("embed-dataset/embed-nightly", {**body, "parameters": TINY})
     assert r.status_code == 201, r.text
     stack.wait(r.json()["id"])
@@ -360,7 +362,10 @@ def _artifact(stack: Stack, flow_run_id: str) -> list[dict[str, Any]]:
 def test_ui_custom_run(stack: Stack, tmp_path: Path, s3_bucket: str) -> None:
     source = _dataset(tmp_path / "raw", s3_bucket, "ui/raw", stack.s3, shards=1, seed=20)
     dest = f"s3://{s3_bucket}/ui/emb"
-    # The body the UI's "Custom run" form posts: the form's JSON, a state, and options.
+    # The body the UI's "Custom run" posts (prefect-ui-library's
+    # mapDeploymentFlowRunCreateV2ToDeploymentFlowRunRequest): the form's JSON values and
+    # the run options. It sends no enforce_parameter_schema: the deployment's own
+    # `enforce_parameter_schema: true` (prefect.yaml) makes the server check the form.
     form = {
         "config": {
             "source": {"url": source, "kind": "webdataset"},
@@ -372,9 +377,14 @@ def test_ui_custom_run(stack: Stack, tmp_path: Path, s3_bucket: str) -> None:
     body = {
         "name": "ui-custom-run",
         "parameters": form,
-        "state": {"type": "SCHEDULED", "message": "Run from the Prefect UI", "state_details": {}},
+        "idempotency_key": None,
+        "context": {},
         "tags": ["ui"],
-        "enforce_parameter_schema": True,
+        "parent_task_run_id": None,
+        "infrastructure_document_id": None,
+        "state": {"type": "SCHEDULED", "message": "Run from the Prefect UI", "state_details": {}},
+        "empirical_policy": {"retries": 0, "retry_delay": 0},
+        "work_queue_name": None,
         "job_variables": {},
     }
     r = stack.create_run("embed-dataset/embed-adhoc", body)

@@ -11,7 +11,13 @@ from clipbatch.config import build_config
 from clipbatch.errors import ConfigError
 from flows.backfill import BackfillConfig, child_parameters, idempotency_key
 from flows.params import resolve_config
-from flows.partitions import date_range, fill, partition_for, partition_values
+from flows.partitions import (
+    date_range,
+    fill,
+    partition_for,
+    partition_values,
+    scheduled_start_time,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,6 +46,11 @@ def test_fill_replaces_known_placeholders_and_keeps_brace_patterns() -> None:
     for bad in ("../etc", "a/../b", "/abs", "a b", ""):
         with pytest.raises(ConfigError, match="not a safe path segment"):
             partition_values(bad)
+
+
+def test_no_scheduled_start_outside_a_flow_run() -> None:
+    # Prefect's runtime answers "now" outside a run; that must not pass for a schedule.
+    assert scheduled_start_time() is None
 
 
 def test_date_range_is_inclusive() -> None:
