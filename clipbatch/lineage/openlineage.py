@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import uuid
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -191,13 +192,34 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
+_clients: dict[tuple[Any, ...], OpenLineageClient] = {}
+_clients_lock = threading.Lock()
+
+
+def _config_signature() -> tuple[Any, ...]:
+    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("OPENLINEAGE")))
+    return (env, os.getcwd())
+
+
+def shared_client() -> OpenLineageClient:
+    """One client per transport configuration and process: shard tasks reuse it."""
+    with _clients_lock:
+        signature = _config_signature()
+        client = _clients.get(signature)
+        if client is None:
+            client = OpenLineageClient()
+            # The client aliases OPENLINEAGE_URL into more variables: key it both ways.
+            _clients[signature] = _clients[_config_signature()] = client
+        return client
+
+
 class Emitter:
     """The OpenLineage client, or nothing when no transport is configured."""
 
     def __init__(self, client: OpenLineageClient | None = None) -> None:
         if client is None and transport_configured():
             try:
-                client = OpenLineageClient()
+                client = shared_client()
             except Exception as e:  # a bad openlineage.yml must not stop embedding
                 log.warning("OpenLineage disabled: cannot configure its transport: %s", e)
         self.client = client
