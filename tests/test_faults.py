@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -260,6 +262,56 @@ def test_two_concurrent_runs_on_one_dest_leave_a_valid_table(
     assert set(rep_a["done"]) | set(rep_b["done"]) == {f"{i:05d}" for i in range(SHARDS)}
     assert_exact(cfg.sink.url, s3_endpoint, reference)
     _record("concurrent", {"a": len(rep_a["done"]), "b": len(rep_b["done"])})
+
+
+@pytest.mark.slow
+def test_failed_flow_run_retried_with_prefect_cli_finishes_the_rest_only(
+    prefect_harness, source, bucket, s3_endpoint, reference, proxy
+):
+    """Reads of one shard keep failing: the run fails; `prefect flow-run retry` finishes it."""
+    from prefect.settings import PREFECT_API_URL
+
+    from clipbatch.summary import RunFailedError
+    from flows.embed import embed_dataset
+
+    dest = f"s3://{bucket}/flow-retry"
+    cfg = make_config(source, dest, proxy.url, NO_BOTO_RETRIES)
+    proxy.inject("reset", 10_000, "GET", "/src/00002.tar")
+    state = embed_dataset(cfg, return_state=True)
+    assert state.is_failed()
+    assert isinstance(state.result(raise_on_failure=False), RunFailedError)
+    fs, root = get_fs(dest, cfg.sink.storage)
+    kept = {p: fs.info(p)["ETag"] for p in fs.find(root) if p.endswith(".parquet")}
+    assert sorted(p.rsplit("/", 1)[-1] for p in kept) == [
+        "00000.parquet",
+        "00001.parquet",
+        "00003.parquet",
+    ]
+    proxy.clear()  # the store is healthy again
+    flow_run_id = str(state.state_details.flow_run_id)
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": os.getcwd()}
+    cli = Path(sys.executable).parent / "prefect"
+    proc = subprocess.run(
+        [
+            str(cli),
+            "flow-run",
+            "retry",
+            flow_run_id,
+            "--entrypoint",
+            "flows/embed.py:embed_dataset",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # The retry (same flow run) encoded 00002 only; the committed files were not rewritten.
+    assert {p: fs.info(p)["ETag"] for p in kept} == kept
+    manifest = read_manifest(cfg.sink)["shards"]
+    assert manifest["00002"]["run_id"] == flow_run_id
+    assert_exact(dest, s3_endpoint, reference)
+    _record("flow_retry", {"failed_shards": 1, "retried_by": "prefect flow-run retry"})
 
 
 @pytest.mark.parametrize("store", ["s3", "local"])
