@@ -203,7 +203,10 @@ def test_check_fails_when_embeddings_are_permuted_between_rows(
         mat, _ = embedding_matrix(table.column(name))
         table = with_embeddings(table, name, mat[perm])
     failed = failures(measure(table, heldout.encode_text))
-    assert failed, "permuted vectors passed the quality check"
+    # Measured: colour accuracy falls from 0.98 to 0.14 (chance 0.125) either way.
+    assert "zero_shot_colour_accuracy" in failed, failed
+    if columns == "image":
+        assert "text_to_image_recall_at_1" in failed  # measured 0.02
     if columns == "both":
         # Image and text still agree with each other; only their captions give them away.
         assert "caption_text_cosine_min" in failed
@@ -242,7 +245,8 @@ def test_check_fails_when_preprocessing_differs_from_the_models(
         emb = loaded.model.encode_image(wrong_preprocessing(pixels, kind)).float().numpy()
     table = with_embeddings(heldout.table, "image_embedding", normalize_rows(emb))
     failed = failures(measure(table, heldout.encode_text))
-    assert failed, f"{kind} preprocessing passed the quality check"
+    # Measured: recall@1 0.20 (bgr) and 0.26 (no_normalize) against 0.90; colour 0.40, 0.31.
+    assert {"text_to_image_recall_at_1", "zero_shot_colour_accuracy"} <= set(failed), failed
     assert "caption_text_cosine_min" not in failed  # the text side was left intact
 
 
