@@ -170,7 +170,7 @@ class TextQueryEncoder:
 
     def __init__(
         self, table: OutputTable, device: str = "cpu", storage: StorageOptions | None = None
-    ):
+    ) -> None:
         from clipbatch.encode import ClipEncoder
         from clipbatch.model import load_model
 
@@ -327,7 +327,9 @@ def _validate_file(
         mats[column] = (mat, valid)
         failed_with_vectors = int((valid & ~status_ok).sum())
         if failed_with_vectors:
-            report.problems.append(f"{name}: {failed_with_vectors} failed rows carry an {column} vector")
+            report.problems.append(
+                f"{name}: {failed_with_vectors} failed rows carry an {column} vector"
+            )
         if valid.any():
             norms = np.linalg.norm(mat[valid], axis=1)
             if not np.isfinite(norms).all():
