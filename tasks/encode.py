@@ -20,8 +20,8 @@ from prefect.tasks import exponential_backoff
 from clipbatch.config import EmbedConfig
 from clipbatch.errors import is_transient
 from clipbatch.lineage.openlineage import ShardLineage
+from clipbatch.multigpu import run_shard_on_devices
 from clipbatch.records import ShardResult, ShardSpec
-from clipbatch.runner import run_shard
 from clipbatch.sink import output_uri
 
 
@@ -55,7 +55,8 @@ def encode_shard(
     )
     ol.start()
     try:
-        result = run_shard(shard, config, run_id, fingerprint, run_meta)
+        # Here, or on a free per-device worker process when runtime.devices is set.
+        result = run_shard_on_devices(shard, config, run_id, fingerprint, run_meta)
     except BaseException as e:
         ol.fail(e)
         raise

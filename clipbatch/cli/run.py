@@ -22,7 +22,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-sha256", help="expected checkpoint sha256")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"])
-    p.add_argument("--batch-size", type=int)
+    p.add_argument(
+        "--batch-size",
+        type=lambda v: v if v == "auto" else int(v),
+        help="images per forward pass, or 'auto': the largest that fits on the GPU",
+    )
+    p.add_argument(
+        "--devices",
+        help="several devices, one worker process each: 'all' or e.g. cuda:0,cuda:1",
+    )
     p.add_argument("--shard-concurrency", type=int, help="shards encoded at once")
     p.add_argument("--decode-workers", type=int)
     p.add_argument(
@@ -63,7 +71,9 @@ def config_from_args(args: argparse.Namespace) -> EmbedConfig:
         "model.checkpoint_sha256": args.checkpoint_sha256,
         "runtime.device": args.device,
         "runtime.precision": args.precision,
-        "runtime.batch_size": args.batch_size,
+        "runtime.batch_size": None if args.batch_size == "auto" else args.batch_size,
+        "runtime.auto_batch_size": True if args.batch_size == "auto" else None,
+        "runtime.devices": args.devices.split(",") if args.devices else None,
         "runtime.shard_concurrency": args.shard_concurrency,
         "runtime.decode_workers": args.decode_workers,
         "runtime.task_runner": args.task_runner,
