@@ -83,7 +83,9 @@ def claim_context(kind: EngineKind, gpus: float) -> contextlib.AbstractContextMa
         return dask.annotate(resources={GPU_RESOURCE: gpus})
     from prefect_ray.context import remote_options
 
-    return remote_options(num_gpus=gpus)
+    # Ray retires a GPU task's worker process after one call by default (max_calls=1),
+    # which would reload the model for every shard; 0 keeps the process and its model.
+    return remote_options(num_gpus=gpus, max_calls=0)
 
 
 class ShardSubmitter:
