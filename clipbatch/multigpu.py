@@ -57,6 +57,11 @@ def resolve_devices(devices: Sequence[str]) -> list[str]:
     return names
 
 
+def device_slots(devices: Sequence[str]) -> int:
+    """How many device workers ``runtime.devices`` starts (0 when unset)."""
+    return len(resolve_devices(devices)) if devices else 0
+
+
 def _worker_main(device: str, target: Callable[..., Any], inbox: Any, outbox: Any) -> None:
     """One process, one device: run jobs until told to stop (None)."""
     os.environ["CLIPBATCH_WORKER_DEVICE"] = device
@@ -159,7 +164,7 @@ def _run_shard_on(
 
     runtime = config.runtime.model_copy(update={"device": device, "devices": ()})
     return run_shard(shard, config.model_copy(update={"runtime": runtime}), run_id, fingerprint, {
-        **run_meta, "device": device,
+        **run_meta, "device": device, "worker_pid": os.getpid(),
     })  # fmt: skip
 
 

@@ -19,6 +19,7 @@ from prefect.tasks import exponential_backoff
 from pydantic import Field
 
 from clipbatch.config import EmbedConfig
+from clipbatch.multigpu import device_slots
 from clipbatch.observe import Observers
 from clipbatch.plan import plan_shards
 from clipbatch.records import ShardResult, ShardSpec
@@ -155,7 +156,8 @@ def _run_windowed(
     observers: Observers,
 ) -> list[ShardResult]:
     """Submit shards with at most ``shard_concurrency`` in flight; collect every outcome."""
-    window = config.runtime.shard_concurrency
+    # With per-device workers, at least one shard in flight per device keeps them all busy.
+    window = max(config.runtime.shard_concurrency, device_slots(config.runtime.devices))
     in_flight: dict[PrefectFuture, ShardSpec] = {}
     results: dict[str, ShardResult] = {}
 

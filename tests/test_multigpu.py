@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -18,9 +18,7 @@ from clipbatch.multigpu import (
     WorkerLostError,
     device_pool,
     resolve_devices,
-    run_shard_on_devices,
 )
-from clipbatch.plan import plan_shards
 from clipbatch.synthetic import write_webdataset
 from tests.multigpu_targets import die_on, report
 
@@ -84,8 +82,10 @@ def test_device_names_are_checked() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
-def test_shards_run_on_device_workers_and_commit(tmp_path: Path) -> None:
+@pytest.mark.timeout(300)
+def test_flow_spreads_shards_over_device_workers(tmp_path: Path, prefect_harness: None) -> None:
+    from flows.embed import embed_dataset
+
     src = tmp_path / "src"
     write_webdataset(src, shards=4, per_shard=6, seed=3, size=64)
     dest = tmp_path / "out"
@@ -94,28 +94,19 @@ def test_shards_run_on_device_workers_and_commit(tmp_path: Path) -> None:
             "source": str(src),
             "dest": str(dest),
             "model": "tiny",
+            # shard_concurrency stays 1: the flow widens its window to one shard per device.
             "runtime": {"device": "cpu", "devices": ["cpu", "cpu"], "batch_size": 4},
         }
     )
-    plan = plan_shards(config)
-    run_id = uuid.uuid4().hex
-    results = {}
-
-    def go(shard) -> None:  # noqa: ANN001 - a ShardSpec
-        results[shard.name] = run_shard_on_devices(
-            shard, config, run_id, plan.fingerprints[shard.name], {"flow_run_id": run_id}
-        )
-
-    threads = [threading.Thread(target=go, args=(s,)) for s in plan.todo]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    pool = device_pool(["cpu", "cpu"])
-    pool.close()
-    assert sorted(results) == ["00000", "00001", "00002", "00003"]
-    assert all(r.status == "committed" and r.rows == 6 for r in results.values())
-    for name in results:
-        meta = pq.read_metadata(dest / f"{name}.parquet").metadata
-        assert b'"device": "cpu"' in meta[b"clipbatch"]
+    try:
+        summary = embed_dataset(config)
+    finally:
+        device_pool(["cpu", "cpu"]).close()
+    assert summary["shards_committed"] == 4 and summary["rows_written"] == 24
+    pids = set()
+    for name in ["00000", "00001", "00002", "00003"]:
+        meta = json.loads(pq.read_metadata(dest / f"{name}.parquet").metadata[b"clipbatch"])
+        assert meta["run"]["device"] == "cpu"
         assert pq.read_table(dest / f"{name}.parquet").num_rows == 6
+        pids.add(meta["run"]["worker_pid"])
+    assert len(pids) == 2 and os.getpid() not in pids  # both device workers took shards
