@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -393,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return gpu_main([])
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto logs every request
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": cpu_name() + ", no GPU",

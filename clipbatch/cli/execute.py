@@ -12,6 +12,7 @@ def execute(config: EmbedConfig, progress: bool = False) -> tuple[dict[str, Any]
     from clipbatch.runner import set_progress_listener
     from clipbatch.summary import RunFailedError
     from flows.embed import embed_dataset
+    from flows.warmup import warm_start
 
     bar = None
     if progress:
@@ -20,6 +21,7 @@ def execute(config: EmbedConfig, progress: bool = False) -> tuple[dict[str, Any]
         bar = tqdm(unit="img", desc="embedding", dynamic_ncols=True)
         set_progress_listener(bar.update)
     try:
+        warm_start(config)  # the temporary server boots while the model loads
         state = embed_dataset(config, return_state=True)
     finally:
         set_progress_listener(None)
