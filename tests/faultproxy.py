@@ -7,6 +7,8 @@ method and a path substring and firing for its next ``count`` matching requests:
 
 - ``delay``: wait ``seconds`` before forwarding;
 - ``slowdown``: answer ``503 SlowDown`` with S3's XML error body;
+- ``internal``: answer ``500 InternalError`` (s3fs does not retry it itself, so with
+  botocore's retries off each one reaches our own retry layer);
 - ``reset``: abort the client's connection with a TCP RST before any answer;
 - ``cut``: forward, then send the response head and only half of its body, then RST.
 
@@ -29,7 +31,15 @@ SLOWDOWN_BODY = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
     b"<Message>Please reduce your request rate.</Message></Error>"
 )
-FAULTS = ("delay", "slowdown", "reset", "cut")
+INTERNAL_BODY = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code>'
+    b"<Message>We encountered an internal error. Please try again.</Message></Error>"
+)
+FAULTS = ("delay", "slowdown", "internal", "reset", "cut")
+ERROR_ANSWERS = {
+    "slowdown": (b"503 Slow Down", SLOWDOWN_BODY),
+    "internal": (b"500 Internal Server Error", INTERNAL_BODY),
+}
 
 
 @dataclass
@@ -160,16 +170,19 @@ class FaultProxy:
                 _reset(client)
                 return
             expects = _expects_continue(head)
-            if rule and rule.fault == "slowdown":
+            if rule and rule.fault in ERROR_ANSWERS:
                 # Like S3: a client waiting for "100 Continue" gets the error instead
                 # and never sends its body; otherwise read the body before answering.
                 if not expects:
                     _drain_body(client, head, rest)
+                status, body = ERROR_ANSWERS[rule.fault]
                 client.sendall(
-                    b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
-                    + f"Content-Length: {len(SLOWDOWN_BODY)}\r\n".encode()
+                    b"HTTP/1.1 "
+                    + status
+                    + b"\r\nContent-Type: application/xml\r\n"
+                    + f"Content-Length: {len(body)}\r\n".encode()
                     + b"Connection: close\r\n\r\n"
-                    + SLOWDOWN_BODY
+                    + body
                 )
                 client.close()
                 return

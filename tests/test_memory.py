@@ -44,7 +44,7 @@ def test_peak_rss_does_not_grow_with_shard_count(tmp_path):
     # The same 20 shards in both datasets; the small one holds only the first.
     many = tmp_path / "many"
     one = tmp_path / "one"
-    tars = write_webdataset(many, shards=20, per_shard=12, seed=11, size=64)
+    tars = write_webdataset(many, shards=20, per_shard=8, seed=11, size=48)
     one.mkdir()
     (one / tars[0].name).write_bytes(tars[0].read_bytes())
 
