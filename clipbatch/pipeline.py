@@ -341,7 +341,12 @@ def file_metadata(shard: ShardSpec, ctx: ShardContext) -> dict[str, Any]:
         },
         "preprocessing": {
             "mode": cfg.runtime.preprocess,
-            "resize": f"shortest side to {ctx.loaded.input_resolution}, bicubic",
+            "resize": f"shortest side to {ctx.loaded.input_resolution}, bicubic"
+            + (
+                " (PIL, as the model's own transform)"
+                if cfg.runtime.preprocess == "exact"
+                else " (torch uint8, antialiased; JPEG draft decoding down to 2x that size)"
+            ),
             "crop": "center",
             "mean": list(CLIP_MEAN),
             "std": list(CLIP_STD),
