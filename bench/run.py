@@ -163,6 +163,7 @@ def model_row(
     large: int,
     s3_endpoint: str | None,
     naive_count: int,
+    image_only: bool = False,
 ) -> Row:
     workers = os.cpu_count() or 1
     src = shards(label, large, per_shard)
@@ -176,9 +177,11 @@ def model_row(
     )
     img_rate, pair_rate = encode_only(model_arg, batch, 2.0)
 
-    def cfg(source: str, dest: str, endpoint: str | None = None) -> dict[str, Any]:
+    def cfg(
+        source: str, dest: str, endpoint: str | None = None, captions: bool = True
+    ) -> dict[str, Any]:
         raw: dict[str, Any] = {
-            "source": {"url": source},
+            "source": {"url": source} if captions else {"url": source, "caption_ext": None},
             "model": model_arg,
             "runtime": {"device": "cpu", "batch_size": batch, "task_retries": 0},
             "sink": {"url": dest, "overwrite": True},
@@ -208,6 +211,14 @@ def model_row(
         "naive": naive(model_arg, src, naive_count),
         "rows": f"{n_small} / {n_large}",
     }
+    if image_only:
+        # The same shards read as an image-only dataset: efficiency against encode_image alone.
+        t_small, n_small = run_pipeline(cfg(str(sub), str(out / f"{label}-io-s"), None, False))
+        t_large, n_large = run_pipeline(cfg(str(src), str(out / f"{label}-io-l"), None, False))
+        io_marginal = (n_large - n_small) / (t_large - t_small)
+        row.figures["image_only_marginal"] = io_marginal
+        row.figures["image_only_whole"] = n_large / t_large
+        row.figures["efficiency_images"] = io_marginal / img_rate
     if s3_endpoint:
         url = upload(src, s3_endpoint, label)
         t_s3, n_s3 = run_pipeline(cfg(url, f"{url}-out", s3_endpoint))
@@ -314,6 +325,17 @@ def render(results: dict[str, Any]) -> str:
                 f"{f(g['encode_only_pairs'])} | **{f(g['efficiency_vs_pairs'])}** | "
                 f"{f(g['naive'])} | {f(g['peak_rss_mib'])} | {g['rows']} |"
             )
+        for r in results["models"]:
+            g = r["figures"]
+            if "image_only_marginal" in g:
+                lines += [
+                    "",
+                    f"Image-only ({r['model']}, same shards read without captions): "
+                    f"end-to-end marginal {f(g['image_only_marginal'])} images/s, whole "
+                    f"{f(g['image_only_whole'])} images/s, encode-only "
+                    f"{f(g['encode_only_images'])} images/s: efficiency "
+                    f"**{f(g['efficiency_images'])}**.",
+                ]
         lines += [
             "",
             "End-to-end is the whole pipeline in one process (read, decode, preprocess, "
@@ -416,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         fid = [fidelity("tiny", "tiny", 32)]
         if not args.quick:
             vit = vit_b32_checkpoint()
-            models.append(model_row("random ViT-B/32", vit, 16, 16, 1, 3, None, 8))
+            models.append(model_row("random ViT-B/32", vit, 16, 16, 1, 3, None, 8, True))
             print(json.dumps(models[-1].__dict__, indent=1), flush=True)
             fid.append(fidelity(vit, "random ViT-B/32", 8))
     finally:
