@@ -45,6 +45,7 @@ TMP_DIR = "_tmp"
 STALE_AFTER_SECONDS = 3600.0
 _SEP = "__"
 _PROCESS_TOKEN = uuid.uuid4().hex[:8]
+LOCAL_PREFIX = "clipbatch-shard-"
 
 
 def output_uri(dest: str, name: str) -> str:
@@ -99,7 +100,10 @@ class ShardWriter:
         self.source_version = source_version
         self.rows = 0
         self.counts: dict[str, int] = {}
-        fd, self._local = tempfile.mkstemp(prefix=f"clipbatch-{name}-", suffix=".parquet")
+        # The pid in the name lets a later run remove what a killed process left here.
+        fd, self._local = tempfile.mkstemp(
+            prefix=f"{LOCAL_PREFIX}{os.getpid()}-{name}-", suffix=".parquet"
+        )
         os.close(fd)
         self._writer = pq.ParquetWriter(self._local, self.schema, compression="zstd")
         self._np_dtype = np.float16 if sink.dtype == "float16" else np.float32
@@ -249,6 +253,7 @@ def clean_staging(
     sink: SinkConfig, keep_run: str | None = None, stale_after: float = STALE_AFTER_SECONDS
 ) -> int:
     """Remove ``_tmp/`` folders left by crashed runs; keep live ones. Returns how many went."""
+    clean_local_temp()
     fs, root = get_fs(join(sink.url, TMP_DIR), sink.storage)
     try:
         entries = with_retries(lambda: fs.ls(root, detail=True), f"list {root}")
@@ -267,6 +272,21 @@ def clean_staging(
         log.info("removing stale staging %s (%s)", path, reason)
         remove_quietly(fs, path, recursive=True)
         removed += 1
+    return removed
+
+
+def clean_local_temp(directory: str | None = None) -> int:
+    """Remove this host's local shard temp files whose process is gone (SIGKILL, OOM kill)."""
+    directory = directory or tempfile.gettempdir()
+    removed = 0
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            rest = entry.name[len(LOCAL_PREFIX) :]
+            pid = rest.split("-", 1)[0]
+            if entry.name.startswith(LOCAL_PREFIX) and pid.isdigit() and not _pid_alive(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(entry.path)
+                    removed += 1
     return removed
 
 

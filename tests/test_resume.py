@@ -21,7 +21,14 @@ from clipbatch.config import EmbedConfig, build_config
 from clipbatch.manifest import manifest_uri, read_manifest
 from clipbatch.model import TINY_ARCH
 from clipbatch.plan import plan_shards
-from clipbatch.sink import STALE_AFTER_SECONDS, TMP_DIR, clean_staging, staging_id
+from clipbatch.sink import (
+    LOCAL_PREFIX,
+    STALE_AFTER_SECONDS,
+    TMP_DIR,
+    clean_local_temp,
+    clean_staging,
+    staging_id,
+)
 from clipbatch.synthetic import write_webdataset
 
 pytestmark = pytest.mark.timeout(180)
@@ -185,3 +192,14 @@ def test_clean_staging_removes_only_what_no_live_run_owns(tmp_path):
     assert clean_staging(sink) == 3
     left = sorted(p.name for p in tmp.iterdir())
     assert left == sorted([folders["live"], folders["remote_fresh"]])
+
+
+def test_local_temp_files_of_killed_processes_are_removed(tmp_path):
+    dead, live = _dead_pid(), os.getpid()
+    (tmp_path / f"{LOCAL_PREFIX}{dead}-00000-x.parquet").write_bytes(b"half")
+    (tmp_path / f"{LOCAL_PREFIX}{live}-00001-y.parquet").write_bytes(b"in use")
+    (tmp_path / "unrelated.parquet").write_bytes(b"not ours")
+    assert clean_local_temp(str(tmp_path)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"{LOCAL_PREFIX}{live}-00001-y.parquet", "unrelated.parquet"]
+    )
