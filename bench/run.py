@@ -42,7 +42,7 @@ CRVENV = Path(os.environ.get("CLIPBATCH_CRVENV", "/tmp/crvenv"))
 
 
 # -- preprocessing ----------------------------------------------------------------------
-def preprocess_figures(n_px: int = 224, count: int = 40) -> list[dict[str, Any]]:
+def preprocess_figures(n_px: int = 224, count: int = 40, rounds: int = 6) -> list[dict[str, Any]]:
     """Per-core images/s: reference (decode + clip's transform) vs our exact and fast paths."""
     from clip.clip import _transform
 
@@ -55,17 +55,22 @@ def preprocess_figures(n_px: int = 224, count: int = 40) -> list[dict[str, Any]]
     try:
         for w, h in [(512, 384), (1024, 768)]:
             data = jpegs(count, w, h)
-            ref = rate(lambda data=data: [reference(pil(d)) for d in data], count, 1.0)
-            exact = rate(
-                lambda data=data: [decode_to_pixels(d, DecodeOptions(n_px, "exact")) for d in data],
-                count,
-                1.0,
-            )
-            fast = rate(
-                lambda data=data: [decode_to_pixels(d, DecodeOptions(n_px, "fast")) for d in data],
-                count,
-                1.0,
-            )
+            variants = {
+                "reference": lambda data=data: [reference(pil(d)) for d in data],
+                "exact": lambda data=data: [
+                    decode_to_pixels(d, DecodeOptions(n_px, "exact")) for d in data
+                ],
+                "fast": lambda data=data: [
+                    decode_to_pixels(d, DecodeOptions(n_px, "fast")) for d in data
+                ],
+            }
+            # Interleaved rounds, best of each: other work on the shared cores only ever
+            # slows a round down, so the best round is the closest to the real figure.
+            best = dict.fromkeys(variants, 0.0)
+            for _ in range(rounds):
+                for name, fn in variants.items():
+                    best[name] = max(best[name], rate(fn, count))
+            ref, exact, fast = best["reference"], best["exact"], best["fast"]
             out.append(
                 {
                     "size": f"{w}x{h}",

@@ -78,9 +78,11 @@ def decode_to_pixels(data: bytes, opts: DecodeOptions) -> tuple[np.ndarray, int,
                 f"{opts.max_pixels:,} (checked from the header, not decoded)"
             )
         if opts.mode == "fast" and img.format == "JPEG":
-            # DCT-domain downscaling: decode at 1/2, 1/4 or 1/8 scale, never below 2 x n_px;
-            # the bicubic resize from there keeps embeddings within 0.9999 of the reference.
-            img.draft("RGB", (2 * opts.n_px, 2 * opts.n_px))
+            # DCT-domain downscaling to 1/2 or 1/4 scale (1/8 is too coarse), never below
+            # 1.5 x n_px: the bicubic resize from there keeps embeddings within a cosine of
+            # 0.9999 of the reference (tests/test_hot_path.py, bench/RESULTS.md).
+            floor = 3 * opts.n_px // 2
+            img.draft("RGB", (max(floor, width // 4), max(floor, height // 4)))
         img.load()
         oriented = ImageOps.exif_transpose(img)
         if oriented is not None and oriented.size != img.size:

@@ -345,7 +345,7 @@ def file_metadata(shard: ShardSpec, ctx: ShardContext) -> dict[str, Any]:
             + (
                 " (PIL, as the model's own transform)"
                 if cfg.runtime.preprocess == "exact"
-                else " (torch uint8, antialiased; JPEG draft decoding down to 2x that size)"
+                else " (torch uint8, antialiased; JPEG draft decoding at 1/2 or 1/4, >= 1.5x that size)"
             ),
             "crop": "center",
             "mean": list(CLIP_MEAN),
