@@ -105,7 +105,11 @@ def run(args: argparse.Namespace) -> int:
     from clipbatch.cli.execute import execute, print_summary
 
     config = config_from_args(args)
-    summary, error = execute(config, progress=not args.no_progress and sys.stderr.isatty())
+    # Rows are counted where they are encoded: on a Dask/Ray cluster that is another process,
+    # so a local bar would sit at zero.
+    local = config.runtime.task_runner in (None, "threads")
+    progress = local and not args.no_progress and sys.stderr.isatty()
+    summary, error = execute(config, progress=progress)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
