@@ -209,6 +209,18 @@ def test_parse_task_runner() -> None:
         build_config({"source": "s3://b/x", "dest": "s3://b/y", "runtime": {"task_runner": "x"}})
 
 
+def test_gpu_claims_need_a_cluster() -> None:
+    from clipbatch.config import RuntimeConfig
+    from flows.runners import shard_submitter
+    from tasks.encode import encode_shard
+
+    with (
+        pytest.raises(ConfigError, match="Dask or Ray"),
+        shard_submitter(encode_shard, RuntimeConfig(gpus_per_shard=1)),
+    ):
+        pass
+
+
 def test_cli_flags_select_the_runner() -> None:
     import argparse
 
