@@ -9,10 +9,12 @@ from clipbatch.config import EmbedConfig
 
 def execute(config: EmbedConfig, progress: bool = False) -> tuple[dict[str, Any], str | None]:
     """Run ``embed_dataset`` in this process. Returns (summary, error message or None)."""
+    from flows.warmup import WarmStart
+
+    warm = WarmStart(config)  # Prefect's temporary server boots while we import and load
     from clipbatch.runner import set_progress_listener
     from clipbatch.summary import RunFailedError
     from flows.embed import embed_dataset
-    from flows.warmup import warm_start
 
     bar = None
     if progress:
@@ -21,7 +23,7 @@ def execute(config: EmbedConfig, progress: bool = False) -> tuple[dict[str, Any]
         bar = tqdm(unit="img", desc="embedding", dynamic_ncols=True)
         set_progress_listener(bar.update)
     try:
-        warm_start(config)  # the temporary server boots while the model loads
+        warm.finish()
         state = embed_dataset(config, return_state=True)
     finally:
         set_progress_listener(None)
