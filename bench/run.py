@@ -172,7 +172,7 @@ def model_row(
     s3_endpoint: str | None,
     naive_count: int,
     image_only: bool = False,
-    rounds: int = 3,
+    rounds: int = 5,
 ) -> Row:
     workers = os.cpu_count() or 1
     src = shards(label, large, per_shard)
@@ -206,41 +206,48 @@ def model_row(
     for tar in sorted(src.glob("*.tar"))[:small]:
         shutil.copy(tar, sub / tar.name)
     run_pipeline(cfg(str(sub), str(out / f"{label}-warm")))  # loads the model, warms caches
-    # Interleaved rounds, best time of each measurement: other work on the shared cores
-    # only ever slows a round down, and interleaving exposes every figure to the same load.
-    best: dict[str, float] = {}
-    rows: dict[str, int] = {}
+    # Interleaved rounds; each round measures encode-only, a small and a large run back to
+    # back, so its ratios compare figures taken under the same background load. Reported:
+    # the median over rounds of each figure and of each per-round ratio.
+    per_round: dict[str, list[float]] = {}
+    n_small = n_large = 0
 
-    def keep(name: str, seconds: float, n: int) -> None:
-        best[name] = min(best.get(name, float("inf")), seconds)
-        rows[name] = n
+    def put(name: str, value: float) -> None:
+        per_round.setdefault(name, []).append(value)
 
     for _ in range(rounds):
         img_s, pair_s = encode_only(model_arg, batch)
-        keep("img", img_s, batch)
-        keep("pair", pair_s, batch)
-        keep("small", *run_pipeline(cfg(str(sub), str(out / f"{label}-small"))))
-        keep("large", *run_pipeline(cfg(str(src), str(out / f"{label}-large"))))
+        t_small, n_small = run_pipeline(cfg(str(sub), str(out / f"{label}-small")))
+        t_large, n_large = run_pipeline(cfg(str(src), str(out / f"{label}-large")))
+        marginal = (n_large - n_small) / max(t_large - t_small, 1e-9)
+        put("img", batch / img_s)
+        put("pair", batch / pair_s)
+        put("marginal", marginal)
+        put("whole", n_large / t_large)
+        put("eff_pairs", marginal / (batch / pair_s))
         if image_only:  # the same shards read without captions: against encode_image alone
-            keep("io_small", *run_pipeline(cfg(str(sub), str(out / f"{label}-ios"), None, False)))
-            keep("io_large", *run_pipeline(cfg(str(src), str(out / f"{label}-iol"), None, False)))
-    img_rate, pair_rate = batch / best["img"], batch / best["pair"]
-    marginal = (rows["large"] - rows["small"]) / (best["large"] - best["small"])
+            ts, ns = run_pipeline(cfg(str(sub), str(out / f"{label}-ios"), None, False))
+            tl, nl = run_pipeline(cfg(str(src), str(out / f"{label}-iol"), None, False))
+            io_marginal = (nl - ns) / max(tl - ts, 1e-9)
+            put("io_marginal", io_marginal)
+            put("io_whole", nl / tl)
+            put("eff_images", io_marginal / (batch / img_s))
+    med = {k: float(np.median(v)) for k, v in per_round.items()}
     row.figures = {
-        "end_to_end_marginal": marginal,
-        "end_to_end_whole": rows["large"] / best["large"],
-        "encode_only_images": img_rate,
-        "encode_only_pairs": pair_rate,
-        "efficiency_vs_pairs": marginal / pair_rate,
+        "end_to_end_marginal": med["marginal"],
+        "end_to_end_whole": med["whole"],
+        "encode_only_images": med["img"],
+        "encode_only_pairs": med["pair"],
+        "efficiency_vs_pairs": med["eff_pairs"],
         "naive": naive(model_arg, src, naive_count),
-        "rows": f"{rows['small']} / {rows['large']}",
+        "rows": f"{n_small} / {n_large}",
         "rounds": rounds,
+        "per_round": per_round,
     }
     if image_only:
-        io_marginal = (rows["io_large"] - rows["io_small"]) / (best["io_large"] - best["io_small"])
-        row.figures["image_only_marginal"] = io_marginal
-        row.figures["image_only_whole"] = rows["io_large"] / best["io_large"]
-        row.figures["efficiency_images"] = io_marginal / img_rate
+        row.figures["image_only_marginal"] = med["io_marginal"]
+        row.figures["image_only_whole"] = med["io_whole"]
+        row.figures["efficiency_images"] = med["eff_images"]
     if s3_endpoint:
         url = upload(src, s3_endpoint, label)
         t_s3, n_s3 = run_pipeline(cfg(url, f"{url}-out", s3_endpoint))
@@ -335,10 +342,10 @@ def render(results: dict[str, Any]) -> str:
         "",
         f"Load average at start: {results['load']} on 2 cores: the cores were shared with "
         "other work (other engineers' test suites), which slows any single measurement by "
-        "up to several times. So every figure is the best of interleaved rounds (model "
-        "rows: 3 rounds of encode-only, small run, large run; preprocessing: 6 rounds; "
-        "wall clock: best of 2, the tools alternated), and ratios compare figures taken "
-        "under the same load.",
+        "up to several times. Model rows: the median of 5 rounds, each measuring "
+        "encode-only, a small and a large run back to back (ratios are taken within a "
+        "round, then the median); preprocessing: best of 6 interleaved rounds; wall "
+        "clock: best of 2, the tools alternated. Per-round figures: bench/results.json.",
         "",
     ]
     if results.get("models"):
