@@ -7,13 +7,14 @@ CenterCrop), so the model trains on exactly the pixels it will later be given.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
 import numpy as np
 
 from clipbatch.decode import DecodeOptions, decode_to_pixels
-from clipbatch.synthetic import SceneSpec, jpeg_bytes, random_spec, render
+from clipbatch.synthetic import SHAPES, SceneSpec, jpeg_bytes, random_spec, render
 
 # Rendered sizes vary so the model sees the bicubic downscale the pipeline applies.
 RENDER_SIZES = (64, 80, 96, 128)
@@ -29,13 +30,21 @@ class SceneSet:
         return [s.caption() for s in self.specs]
 
 
-def make_scene_set(n: int, seed: int, n_px: int) -> SceneSet:
+def make_scene_set(n: int, seed: int, n_px: int, shape_groups: bool = False) -> SceneSet:
+    """``n`` rendered scenes. With ``shape_groups``, consecutive runs of len(SHAPES) scenes
+    share every attribute but the shape (each rendered with its own jitter and noise)."""
     rng = random.Random(seed)
     opts = DecodeOptions(n_px=n_px)
     specs: list[SceneSpec] = []
     pixels = np.empty((n, n_px, n_px, 3), np.uint8)
+    base = random_spec(rng)
     for i in range(n):
-        spec = random_spec(rng)
+        if shape_groups:
+            if i % len(SHAPES) == 0:
+                base = random_spec(rng)
+            spec = dataclasses.replace(base, shape=SHAPES[i % len(SHAPES)])
+        else:
+            spec = random_spec(rng)
         img = render(spec, rng.choice(RENDER_SIZES), rng)
         pixels[i] = decode_to_pixels(jpeg_bytes(img, quality=rng.randint(75, 95)), opts)[0]
         specs.append(spec)
