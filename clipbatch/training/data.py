@@ -37,10 +37,10 @@ def make_scene_set(n: int, seed: int, n_px: int, shape_groups: bool = False) -> 
     opts = DecodeOptions(n_px=n_px)
     specs: list[SceneSpec] = []
     pixels = np.empty((n, n_px, n_px, 3), np.uint8)
-    base = random_spec(rng)
+    base: SceneSpec | None = None
     for i in range(n):
         if shape_groups:
-            if i % len(SHAPES) == 0:
+            if base is None or i % len(SHAPES) == 0:
                 base = random_spec(rng)
             spec = dataclasses.replace(base, shape=SHAPES[i % len(SHAPES)])
         else:

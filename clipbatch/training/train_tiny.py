@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import logging
 import math
@@ -139,8 +140,12 @@ def save_fp16(model: torch.nn.Module, path: Path) -> None:
         k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous()
         for k, v in model.state_dict().items()
     }
+    # Saved through a buffer: torch.save names the zip's inner folder after the file, and
+    # a per-process temporary name would make the bytes (and the sha256) differ per run.
+    buf = io.BytesIO()
+    torch.save(state, buf)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(state, tmp)
+    tmp.write_bytes(buf.getvalue())
     os.replace(tmp, path)
 
 
