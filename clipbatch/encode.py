@@ -94,7 +94,9 @@ class ClipEncoder:
         return self._normalise(t.to(self.device, non_blocking=True))
 
     def _normalise(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.permute(0, 3, 1, 2).float().div_(255)
+        # Contiguous NCHW, as ToTensor gives: a channels-last input would pick other conv
+        # kernels and change the last bits of a ResNet tower's output.
+        t = t.permute(0, 3, 1, 2).contiguous().float().div_(255)
         # The same ops, in the same order, as ToTensor + Normalize: bit-identical inputs.
         return t.sub_(self._mean).div_(self._std)
 
