@@ -79,9 +79,10 @@ def decode_to_pixels(data: bytes, opts: DecodeOptions) -> tuple[np.ndarray, int,
             )
         if opts.mode == "fast" and img.format == "JPEG":
             # DCT-domain downscaling to 1/2 or 1/4 scale (1/8 is too coarse), never below
-            # 1.5 x n_px: the bicubic resize from there keeps embeddings within a cosine of
-            # 0.9999 of the reference (tests/test_hot_path.py, bench/RESULTS.md).
-            floor = 3 * opts.n_px // 2
+            # 1.5 x n_px (2 x below 128 px, where the tiny ResNet tower measured a cosine of
+            # 0.9998 at 1.5 x): embeddings stay within a cosine of 0.9999 of the reference
+            # (tests/test_hot_path.py, bench/RESULTS.md).
+            floor = 2 * opts.n_px if opts.n_px < 128 else 3 * opts.n_px // 2
             img.draft("RGB", (max(floor, width // 4), max(floor, height // 4)))
         img.load()
         oriented = ImageOps.exif_transpose(img)
