@@ -384,7 +384,9 @@ def render(results: dict[str, Any]) -> str:
             "cancels; *whole* = large rows / large seconds. Encode-only is stock "
             "`encode_image` on ready tensors plus `encode_text` on ready 77-token tokens "
             "(design.md §8); efficiency above 1 comes from encoding text only up to the "
-            "batch's longest caption.",
+            "batch's longest caption. The naive column is measured once, after the rounds, "
+            "so under other load: where it exceeds encode-only pairs/s (which does strictly "
+            "less work) it only shows how much the load moved.",
             "",
         ]
     if results.get("preprocess"):
