@@ -88,7 +88,11 @@ class ClipEncoder:
     # -- images ----------------------------------------------------------------
     def pixels_to_input(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 NxHxWx3 -> normalised float NCHW on the device (ToTensor+Normalize, batched)."""
-        t = torch.from_numpy(pixels) if isinstance(pixels, np.ndarray) else pixels
+        if isinstance(pixels, np.ndarray):
+            # np.asarray(PIL image) is read-only; torch refuses to share such memory quietly.
+            t = torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy())
+        else:
+            t = pixels
         if self._pin and t.device.type == "cpu" and not t.is_pinned():
             t = t.pin_memory()
         return self._normalise(t.to(self.device, non_blocking=True))
