@@ -2,8 +2,8 @@
 
 The same :class:`EmbedConfig` is the Prefect flow parameter (the UI renders it as a
 form), loads from YAML, and is built by the CLI. Below the flow each function takes
-only the part it needs. Credentials never live here: they come from the environment,
-an AWS profile, or a Prefect Secret block named by ``credentials_block``.
+only the part it needs. Credentials never live here: they come from the environment
+or an AWS profile named by ``storage.profile`` (Prefect stores parameters in plain text).
 """
 
 from __future__ import annotations
