@@ -340,9 +340,14 @@ def render(results: dict[str, Any]) -> str:
         START,
         f"## CPU speed matrix ({results['date']}, {results['machine']})",
         "",
-        f"Load average at start: {results['load']} on 2 cores: the cores were shared with "
-        "other work (other engineers' test suites), which slows any single measurement by "
-        "up to several times. Model rows: the median of 5 rounds, each measuring "
+        f"Load average at start: {results['load']} on 2 cores"
+        + (
+            ": the cores were shared with other work, which slows any single measurement "
+            "by up to several times. "
+            if float(str(results["load"]).split()[0]) > 1.0
+            else " (a quiet machine). "
+        )
+        + "Model rows: the median of 5 rounds, each measuring "
         "encode-only, a small and a large run back to back (ratios are taken within a "
         "round, then the median); preprocessing: best of 6 interleaved rounds; wall "
         "clock: best of 2, the tools alternated. Per-round figures: bench/results.json.",
