@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipbatch.config import StorageOptions
+from clipbatch.config import EmbedConfig, StorageOptions, build_config
 from clipbatch.storage import get_fs
 
 
@@ -56,3 +56,29 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def tiny_s3_config(
+    source: str | dict,
+    dest: str,
+    endpoint: str,
+    *,
+    sink: dict | None = None,
+    storage_extra: dict | None = None,
+    **runtime: object,
+) -> EmbedConfig:
+    """The tiny model on the CPU, source and sink on the S3 ``endpoint``.
+
+    ``source`` is a URL or a SourceConfig mapping; ``runtime`` overrides the defaults
+    below (a small batch, no task retries unless a test asks for them).
+    """
+    storage = {"endpoint_url": endpoint, "extra": storage_extra or {}}
+    source_options = {"url": source} if isinstance(source, str) else dict(source)
+    return build_config(
+        {
+            "source": {**source_options, "storage": storage},
+            "sink": {"url": dest, "storage": storage, **(sink or {})},
+            "model": {"name": "tiny"},
+            "runtime": {"device": "cpu", "batch_size": 8, "task_retries": 0, **runtime},
+        }
+    )

@@ -21,7 +21,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clipbatch.config import build_config
 from clipbatch.model import load_model
 from clipbatch.storage import get_fs
 from tests.conftest import upload_dir
@@ -31,7 +30,7 @@ from tests.corpus import (
     write_table_corpus,
     write_webdataset_corpus,
 )
-from tests.helpers import cosine, read_table
+from tests.helpers import cosine, read_table, tiny_s3_config
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -107,21 +106,7 @@ def http_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, P
 
 
 def make_config(source: dict, dest: str, endpoint: str, **runtime):
-    storage = {"endpoint_url": endpoint}
-    return build_config(
-        {
-            "source": {**source, "storage": storage},
-            "sink": {"url": dest, "storage": storage},
-            "model": {"name": "tiny"},
-            "runtime": {
-                "device": "cpu",
-                "batch_size": 8,
-                "task_retries": 0,
-                "decode_workers": 2,
-                **runtime,
-            },
-        }
-    )
+    return tiny_s3_config(source, dest, endpoint, decode_workers=2, **runtime)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from clipbatch.storage import get_fs
 from clipbatch.synthetic import write_webdataset
 from flows.runners import parse_task_runner
 from tests.conftest import free_port, upload_dir
-from tests.helpers import read_table
+from tests.helpers import read_table, tiny_s3_config
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -157,15 +157,8 @@ def s3_source(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> tup
 
 
 def make_config(source: str, dest: str, endpoint: str, **runtime: Any) -> EmbedConfig:
-    storage = {"endpoint_url": endpoint}
-    return build_config(
-        {
-            "source": {"url": source, "storage": storage},
-            "sink": {"url": dest, "storage": storage, "dtype": "float32"},
-            "model": {"name": "tiny"},
-            "runtime": {"device": "cpu", "batch_size": 4, "retry_delay_seconds": 0.2, **runtime},
-        }
-    )
+    runtime = {"batch_size": 4, "retry_delay_seconds": 0.2, "task_retries": 3, **runtime}
+    return tiny_s3_config(source, dest, endpoint, sink={"dtype": "float32"}, **runtime)
 
 
 def embeddings_by_key(dest: str, endpoint: str) -> tuple[dict[str, tuple[bytes, bytes]], list]:

@@ -9,13 +9,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clipbatch.config import build_config
 from clipbatch.model import load_model
 from clipbatch.storage import get_fs
 from clipbatch.synthetic import write_webdataset
 from clipbatch.table import METADATA_KEY
 from tests.conftest import upload_dir
-from tests.helpers import cosine, read_table, reference_embeddings, tar_samples
+from tests.helpers import cosine, read_table, reference_embeddings, tar_samples, tiny_s3_config
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -28,24 +27,12 @@ def s3_dataset(tmp_path, s3_bucket, s3_endpoint):
     return url, tars
 
 
-def make_config(source: str, dest: str, endpoint: str, **runtime):
-    storage = {"endpoint_url": endpoint}
-    return build_config(
-        {
-            "source": {"url": source, "storage": storage},
-            "sink": {"url": dest, "storage": storage},
-            "model": {"name": "tiny"},
-            "runtime": {"device": "cpu", "batch_size": 8, "task_retries": 0, **runtime},
-        }
-    )
-
-
 def test_flow_embeds_webdataset_from_s3(prefect_harness, s3_dataset, s3_bucket, s3_endpoint):
     from flows.embed import embed_dataset
 
     source, tars = s3_dataset
     dest = f"s3://{s3_bucket}/emb/tiny"
-    config = make_config(source, dest, s3_endpoint)
+    config = tiny_s3_config(source, dest, s3_endpoint)
     summary = embed_dataset(config)
 
     assert summary["shards_committed"] == 3 and summary["shards_failed"] == 0

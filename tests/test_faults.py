@@ -36,7 +36,7 @@ from clipbatch.table import decode_metadata
 from tests.conftest import free_port, upload_dir
 from tests.faultproxy import FaultProxy
 from tests.faultworker import start_worker
-from tests.helpers import read_table
+from tests.helpers import read_table, tiny_s3_config
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -47,22 +47,8 @@ NO_BOTO_RETRIES = {"config_kwargs": {"retries": {"max_attempts": 1}, "read_timeo
 
 
 def make_config(source: str, dest: str, endpoint: str, extra: dict | None = None, **runtime):
-    storage = {"endpoint_url": endpoint, "extra": extra or {}}
-    return build_config(
-        {
-            "source": {"url": source, "storage": storage},
-            "sink": {"url": dest, "storage": storage},
-            "model": {"name": "tiny"},
-            "runtime": {
-                "device": "cpu",
-                "batch_size": 4,
-                "decode_workers": 1,
-                "task_retries": 0,
-                "retry_delay_seconds": 0,
-                **runtime,
-            },
-        }
-    )
+    runtime = {"batch_size": 4, "decode_workers": 1, "retry_delay_seconds": 0, **runtime}
+    return tiny_s3_config(source, dest, endpoint, storage_extra=extra, **runtime)
 
 
 @pytest.fixture(scope="module")

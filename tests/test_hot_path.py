@@ -15,25 +15,13 @@ import torch
 from clip.clip import _transform
 from PIL import Image
 
+from bench.common import VIT_B32  # the one definition of the random ViT-B/32 shape
 from clipbatch.config import ModelConfig
 from clipbatch.decode import DecodeOptions, decode_to_pixels
 from clipbatch.encode import ClipEncoder, probe_batch_size
 from clipbatch.model import LoadedModel, ResolvedCheckpoint, load_model
 from clipbatch.preprocess import decode_jpegs_on_device, resize_crop_array
 from clipbatch.synthetic import jpeg_bytes, random_spec, render
-
-VIT_B32 = dict(
-    embed_dim=512,
-    image_resolution=224,
-    vision_layers=12,
-    vision_width=768,
-    vision_patch_size=32,
-    context_length=77,
-    vocab_size=49408,
-    transformer_width=512,
-    transformer_heads=8,
-    transformer_layers=12,
-)
 
 
 def images(sizes: list[tuple[int, int]], seed: int = 0) -> list[bytes]:

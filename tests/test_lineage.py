@@ -25,21 +25,9 @@ from clipbatch.sink import read_file_metadata
 from clipbatch.synthetic import write_webdataset
 from tests import prefect_readback
 from tests.conftest import upload_dir
-from tests.helpers import read_table
+from tests.helpers import read_table, tiny_s3_config
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def s3_config(source: str, dest: str, endpoint: str):
-    storage = {"endpoint_url": endpoint}
-    return build_config(
-        {
-            "source": {"url": source, "storage": storage},
-            "sink": {"url": dest, "storage": storage},
-            "model": {"name": "tiny"},
-            "runtime": {"device": "cpu", "batch_size": 8, "task_retries": 0},
-        }
-    )
 
 
 def _tar_member(s3, bucket: str, key: str, member: str) -> bytes:
@@ -56,7 +44,7 @@ def test_rows_trace_to_source_versions_and_stale_sources_are_redone(
     write_webdataset(tmp_path / "laion", shards=3, per_shard=5, seed=11, size=64)
     source = upload_dir(tmp_path / "laion", s3_bucket, "laion", s3_endpoint)
     dest = f"s3://{s3_bucket}/emb"
-    config = s3_config(source, dest, s3_endpoint)
+    config = tiny_s3_config(source, dest, s3_endpoint)
     summary = embed_dataset(config)
     run_id = summary["run_id"]
     assert summary["shards_committed"] == 3

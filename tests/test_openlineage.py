@@ -17,6 +17,7 @@ from clipbatch.lineage.openlineage import Emitter, ShardLineage, transport_confi
 from clipbatch.records import ShardSpec
 from clipbatch.synthetic import write_webdataset
 from tests.conftest import upload_dir
+from tests.helpers import tiny_s3_config
 from tests.olspec import Collector, openlineage_env, validate_event
 
 pytestmark = pytest.mark.timeout(240)
@@ -33,18 +34,6 @@ def ol_collector() -> Iterator[Collector]:
         collector.close()
 
 
-def s3_config(source: str, dest: str, endpoint: str, **runtime):
-    storage = {"endpoint_url": endpoint}
-    return build_config(
-        {
-            "source": {"url": source, "storage": storage},
-            "sink": {"url": dest, "storage": storage},
-            "model": {"name": "tiny"},
-            "runtime": {"device": "cpu", "batch_size": 8, "task_retries": 0, **runtime},
-        }
-    )
-
-
 @flow(name="backfill-parent")
 def backfill_parent(config) -> dict:
     from flows.embed import embed_dataset
@@ -58,7 +47,7 @@ def test_run_events_validate_and_link(
     write_webdataset(tmp_path / "laion", shards=2, per_shard=6, seed=3, size=64)
     source = upload_dir(tmp_path / "laion", s3_bucket, "laion", s3_endpoint)
     dest = f"s3://{s3_bucket}/emb"
-    state = backfill_parent(s3_config(source, dest, s3_endpoint), return_state=True)
+    state = backfill_parent(tiny_s3_config(source, dest, s3_endpoint), return_state=True)
     summary = state.result()
     parent_run_id = str(state.state_details.flow_run_id)
     flow_run_id = summary["run_id"]
