@@ -4,7 +4,8 @@ Checks the issue's GPU targets with a random ViT-B/32 in fp16 and prints PASS/FA
 - encode-only images/s (ready tensors, the model's limit) >= 15,000;
 - text captions/s (LAION-like captions, trimmed to the batch's longest) >= 30,000;
 - end-to-end images/s from local WebDataset shards (read, decode, resize, encode both
-  towers, write Parquet, commit) >= 5,000.
+  towers, write Parquet, commit) >= 5,000, the best of the three preprocessing modes
+  (gpu: nvJPEG decode on the card; fast; exact).
 Writes bench/RESULTS-gpu.md and bench/results-gpu.json (also under $OUT when set),
 and exits 1 when a target is missed.
 """
@@ -164,13 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"shards ready in {time.perf_counter() - t0:.0f}s", flush=True)
     ckpt = vit_b32_checkpoint()
     torch.cuda.reset_peak_memory_stats()
-    for mode in ("fast", "exact"):
+    for mode in ("gpu", "fast", "exact"):
         e2e = end_to_end(ckpt, src, work_dir() / f"gpu-out-{mode}", args.batch, mode)
         results[f"end_to_end_{mode}"] = e2e["images_per_s"]
         results[f"end_to_end_{mode}_rows"] = e2e["rows"]
         print(f"end-to-end ({mode}): {e2e}", flush=True)
-    results["end_to_end"] = max(results["end_to_end_fast"], results["end_to_end_exact"])
-    results["efficiency_fast"] = results["end_to_end_fast"] / results["encode_only"]
+    modes = ("gpu", "fast", "exact")
+    results["end_to_end"] = max(results[f"end_to_end_{m}"] for m in modes)
+    results["efficiency"] = results["end_to_end"] / results["encode_only"]
     results["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     import resource
 
@@ -193,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Random ViT-B/32, fp16, batch {args.batch}; stock pairs/s {results['pairs_stock']:,.0f}, "
         f"stock 77-token text {results['text_stock_77']:,.0f}/s; end-to-end exact "
-        f"{results['end_to_end_exact']:,.0f}/s, fast {results['end_to_end_fast']:,.0f}/s "
+        f"{results['end_to_end_exact']:,.0f}/s, fast {results['end_to_end_fast']:,.0f}/s, "
+        f"gpu (nvJPEG) {results['end_to_end_gpu']:,.0f}/s; efficiency "
+        f"{results['efficiency']:.2f} "
         f"({args.shards - 1} x {args.per_shard} JPEGs of {args.size} px, local shards); "
         f"peak GPU memory {results['peak_gpu_mib']:,.0f} MiB, peak RSS "
         f"{results['peak_rss_mib']:,.0f} MiB.",

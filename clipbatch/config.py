@@ -216,10 +216,11 @@ class RuntimeConfig(_Frozen):
     shard_concurrency: int = Field(
         1, ge=1, le=64, description="Shards encoded at once in one process (bounded task runner)."
     )
-    preprocess: Literal["exact", "fast"] = Field(
+    preprocess: Literal["exact", "fast", "gpu"] = Field(
         "exact",
         description="'exact' matches the model's own preprocessing; 'fast' uses JPEG draft "
-        "decoding and trades a little fidelity for speed.",
+        "decoding and trades a little fidelity for speed; 'gpu' decodes JPEGs batched on "
+        "the model's device (nvJPEG on CUDA) and resizes there, other images as 'fast'.",
     )
     max_image_pixels: int = Field(
         89_478_485,

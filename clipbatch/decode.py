@@ -17,12 +17,12 @@ import hashlib
 import io
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from clipbatch.preprocess import resize_crop
+from clipbatch.preprocess import decode_jpegs_on_device, plain_jpeg, resize_crop
 from clipbatch.records import DECODE_ERROR, MISSING_IMAGE, OK, TOO_LARGE, PreparedSample, RawSample
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,13 @@ warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 @dataclass(frozen=True)
 class DecodeOptions:
     n_px: int
-    mode: str = "exact"  # exact | fast
+    mode: str = "exact"  # exact | fast | gpu
     max_pixels: int = 89_478_485
+
+    @property
+    def cpu(self) -> DecodeOptions:
+        """The options for decoding on the CPU: ``gpu`` mode falls back to ``fast``."""
+        return replace(self, mode="fast") if self.mode == "gpu" else self
 
 
 def prepare(raw: RawSample, opts: DecodeOptions) -> PreparedSample:
@@ -52,7 +57,9 @@ def prepare(raw: RawSample, opts: DecodeOptions) -> PreparedSample:
     if not raw.keeps_image():
         return out
     try:
-        pixels, width, height = decode_to_pixels(data, opts)
+        if opts.mode == "gpu" and _defer_to_device(out, data, opts):
+            return out
+        pixels, width, height = decode_to_pixels(data, opts.cpu)
     except _TooLarge as e:
         _fail(raw, TOO_LARGE, str(e))
         return out
@@ -67,16 +74,67 @@ class _TooLarge(Exception):
     pass
 
 
+def _check_pixels(width: int, height: int, opts: DecodeOptions) -> None:
+    if width * height > opts.max_pixels:
+        raise _TooLarge(
+            f"{width}x{height} = {width * height:,} pixels exceeds max_image_pixels "
+            f"{opts.max_pixels:,} (checked from the header, not decoded)"
+        )
+
+
+def _defer_to_device(out: PreparedSample, data: bytes, opts: DecodeOptions) -> bool:
+    """Leave a plain RGB/grey JPEG for the device decoder; header checks happen here."""
+    if not plain_jpeg(data):
+        return False
+    with Image.open(io.BytesIO(data)) as img:  # reads the header only
+        width, height = img.size
+        _check_pixels(width, height, opts)
+        if img.format != "JPEG" or img.mode not in ("RGB", "L"):  # CMYK etc.: the CPU path
+            return False
+    out.deferred_jpeg, out.width, out.height = data, width, height
+    return True
+
+
+def finish_on_device(rows: list[PreparedSample], opts: DecodeOptions, device: str) -> None:
+    """Decode the batch's deferred JPEGs together on ``device`` (preprocess="gpu").
+
+    Each becomes a uint8 n_px x n_px x 3 tensor on the device; one the device decoder
+    cannot take is decoded on the CPU (``fast`` mode), and one neither can decode gets a
+    ``decode_error`` status, exactly as on the CPU path.
+    """
+    todo = [r for r in rows if r.deferred_jpeg is not None]
+    if not todo:
+        return
+    datas = [r.deferred_jpeg for r in todo]
+    errors: dict[int, Exception] = {}
+
+    def on_cpu(index: int) -> np.ndarray | None:
+        try:
+            return decode_to_pixels(datas[index], opts.cpu)[0]
+        except Exception as e:  # noqa: BLE001 - recorded as the row's status below
+            errors[index] = e
+            return None
+
+    decoded = decode_jpegs_on_device(datas, opts.n_px, device, on_cpu)
+    for i, (row, pixels) in enumerate(zip(todo, decoded, strict=True)):
+        data, row.deferred_jpeg = row.deferred_jpeg, None
+        if pixels is None:
+            assert data is not None
+            _fail(row.raw, DECODE_ERROR, _describe(errors[i], data))
+            row.width = row.height = None
+        elif isinstance(pixels, np.ndarray):
+            row.pixels = pixels
+        else:
+            row.pixels = pixels.permute(1, 2, 0)  # HxWx3, as the CPU path gives
+
+
 def decode_to_pixels(data: bytes, opts: DecodeOptions) -> tuple[np.ndarray, int, int]:
     if not data:
         raise ValueError("zero-byte image")
+    opts = opts.cpu
     with Image.open(io.BytesIO(data)) as img:
         width, height = img.size
-        if width * height > opts.max_pixels:
-            raise _TooLarge(
-                f"{width}x{height} = {width * height:,} pixels exceeds max_image_pixels "
-                f"{opts.max_pixels:,} (checked from the header, not decoded)"
-            )
+        _check_pixels(width, height, opts)
         if opts.mode == "fast" and img.format == "JPEG":
             # DCT-domain downscaling to 1/2 or 1/4 scale (1/8 is too coarse), never below
             # 1.5 x n_px (2 x below 128 px, where the tiny ResNet tower measured a cosine of

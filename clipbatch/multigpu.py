@@ -69,6 +69,10 @@ def _worker_main(device: str, target: Callable[..., Any], inbox: Any, outbox: An
         import torch
 
         torch.cuda.set_device(device)  # stray allocations land on this GPU, not cuda:0
+    from clipbatch.runner import set_progress_listener
+
+    # Rows done go back to the parent as they are written, so its progress bar moves.
+    set_progress_listener(lambda rows: outbox.put(("progress", rows)))
     while True:
         job = inbox.get()
         if job is None:
@@ -117,6 +121,8 @@ class DevicePool:
         """Run ``target(device, *job)`` on a free worker; returns its result or raises its error."""
         if self._closed:
             raise RuntimeError("device pool is closed")
+        from clipbatch.runner import progress_listener
+
         index = self._free.get()
         try:
             proc, inbox, outbox = self._workers[index]
@@ -124,7 +130,11 @@ class DevicePool:
             while True:
                 try:
                     kind, value = outbox.get(timeout=_POLL_SECONDS)
-                    break
+                    if kind != "progress":
+                        break
+                    listener = progress_listener()
+                    if listener is not None:
+                        listener(value)
                 except queue.Empty:
                     if not proc.is_alive():
                         device = self.devices[index]

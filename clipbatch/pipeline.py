@@ -22,7 +22,7 @@ import torch
 
 from clipbatch import __version__
 from clipbatch.config import EmbedConfig
-from clipbatch.decode import DecodeOptions, prepare
+from clipbatch.decode import DecodeOptions, finish_on_device, prepare
 from clipbatch.encode import CLIP_MEAN, CLIP_STD, ClipEncoder, is_oom, l2_normalize
 from clipbatch.errors import TooManyErrorsError
 from clipbatch.fingerprint import output_options
@@ -238,15 +238,22 @@ def _submit_batch(
 ) -> Future:
     """Decode the batch's images on the pool; gather them and tokenise on the assembler."""
     futures = [pool.submit(_timed_prepare, r, opts) for r in batch]
-    return assembler.submit(_assemble, futures, encoder)
+    return assembler.submit(_assemble, futures, opts, encoder)
 
 
-def _assemble(futures: list[Future], encoder: ClipEncoder) -> _Decoded:
+def _assemble(futures: list[Future], opts: DecodeOptions, encoder: ClipEncoder) -> _Decoded:
     done = [f.result() for f in futures]  # order preserved
     rows = [row for row, _ in done]
     out = _Decoded(rows, sum(dt for _, dt in done))
+    if opts.mode == "gpu":
+        t0 = time.perf_counter()
+        finish_on_device(rows, opts, str(encoder.device))
+        out.seconds += time.perf_counter() - t0
     images = [r.pixels for r in rows if r.pixels is not None]
-    if images:
+    if any(isinstance(p, torch.Tensor) for p in images):
+        # Decoded on the device; the few the device decoder refused join them there.
+        out.pixels = torch.stack([_on_device(p, encoder.device) for p in images])
+    elif images:
         stacked = torch.from_numpy(np.stack(images))
         out.pixels = stacked.pin_memory() if encoder.pins_memory else stacked
     captions = [r.raw.caption for r in rows if _has_text(r)]
@@ -255,6 +262,12 @@ def _assemble(futures: list[Future], encoder: ClipEncoder) -> _Decoded:
         if encoder.pins_memory:
             out.tokens = out.tokens.pin_memory()
     return out
+
+
+def _on_device(pixels: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    if isinstance(pixels, torch.Tensor):
+        return pixels.to(device)
+    return torch.from_numpy(np.ascontiguousarray(pixels)).to(device)
 
 
 def _has_text(r: PreparedSample) -> bool:
@@ -324,6 +337,14 @@ def _timed_write(
         ctx.progress(len(block.rows))
 
 
+RESIZE_NOTES = {
+    "exact": " (PIL, as the model's own transform)",
+    "fast": " (torch uint8, antialiased; JPEG draft decoding at 1/2 or 1/4, >= 1.5x that size)",
+    "gpu": " (JPEGs decoded batched on the model's device, torch uint8 antialiased resize "
+    "there; other images as 'fast' on the CPU)",
+}
+
+
 def file_metadata(shard: ShardSpec, ctx: ShardContext) -> dict[str, Any]:
     cfg = ctx.config
     ckpt = ctx.loaded.checkpoint
@@ -342,11 +363,7 @@ def file_metadata(shard: ShardSpec, ctx: ShardContext) -> dict[str, Any]:
         "preprocessing": {
             "mode": cfg.runtime.preprocess,
             "resize": f"shortest side to {ctx.loaded.input_resolution}, bicubic"
-            + (
-                " (PIL, as the model's own transform)"
-                if cfg.runtime.preprocess == "exact"
-                else " (torch uint8, antialiased; JPEG draft decoding at 1/2 or 1/4, >= 1.5x that size)"
-            ),
+            + RESIZE_NOTES[cfg.runtime.preprocess],
             "crop": "center",
             "mean": list(CLIP_MEAN),
             "std": list(CLIP_STD),

@@ -18,8 +18,10 @@ on a CUDA device and falls back per image to the CPU path for anything it cannot
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -67,16 +69,32 @@ def resize_crop_tensor(t: torch.Tensor, n_px: int) -> torch.Tensor:
     height, width = int(t.shape[-2]), int(t.shape[-1])
     new_w, new_h = resized_size(width, height, n_px)
     if (new_w, new_h) != (width, height):
-        # Channels-last uint8 takes torch's vectorised antialiased path on the CPU.
-        t = F.interpolate(
-            t.contiguous(memory_format=torch.channels_last),
-            size=(new_h, new_w),
-            mode="bicubic",
-            antialias=True,
-            align_corners=False,
-        )
+        if t.device.type == "cpu":
+            # Channels-last uint8 takes torch's vectorised antialiased path on the CPU.
+            t = F.interpolate(
+                t.contiguous(memory_format=torch.channels_last),
+                size=(new_h, new_w),
+                mode="bicubic",
+                antialias=True,
+                align_corners=False,
+            )
+        else:
+            t = resize_via_float(t, new_h, new_w)
     left, top = crop_offsets(new_w, new_h, n_px)
     return t[..., top : top + n_px, left : left + n_px]
+
+
+def resize_via_float(t: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Antialiased bicubic resize of uint8 NCHW through float32, then rounded back to uint8.
+
+    CUDA's interpolation kernels take floating point only (torch's uint8 path is
+    CPU-only); the float path uses the same PIL-like kernel, and bicubic overshoot is
+    clamped as PIL clamps it.
+    """
+    out = F.interpolate(
+        t.float(), size=(height, width), mode="bicubic", antialias=True, align_corners=False
+    )
+    return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def gpu_decode_available(device: str) -> bool:
@@ -94,34 +112,69 @@ def decode_jpegs_on_device(
     datas: Sequence[bytes],
     n_px: int,
     device: str,
-    cpu_fallback: Callable[[bytes], np.ndarray | None],
+    cpu_fallback: Callable[[int], np.ndarray | None],
 ) -> list[torch.Tensor | np.ndarray | None]:
     """Decode a batch of JPEGs with ``torchvision.io.decode_jpeg`` on ``device``, resize+crop there.
 
     Returns, per input, a uint8 3xn_pxxn_px tensor on the device, or whatever
-    ``cpu_fallback(data)`` returns for an input the batched decode could not take (not a
+    ``cpu_fallback(index)`` returns for an input the batched decode could not take (not a
     baseline JPEG, CMYK, corrupt, ...). Orientation is not applied by nvjpeg, so inputs
     with EXIF orientation go to the fallback too.
     """
+    out: list[torch.Tensor | np.ndarray | None] = [None] * len(datas)
+    todo = [i for i, d in enumerate(datas) if plain_jpeg(d)]
+    if todo:
+        with _private_stream(device) as consumer:
+            for i, img in zip(todo, _decode_batch([datas[i] for i in todo], device), strict=True):
+                if img is not None:
+                    out[i] = resize_crop_tensor(img.unsqueeze(0), n_px)[0]
+        for i in todo:
+            t = out[i]
+            if consumer is not None and isinstance(t, torch.Tensor):
+                t.record_stream(consumer)  # not reused while the model's stream reads it
+    for i in range(len(datas)):
+        if out[i] is None:
+            out[i] = cpu_fallback(i)
+    return out
+
+
+def _decode_batch(datas: Sequence[bytes], device: str) -> list[torch.Tensor | None]:
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    out: list[torch.Tensor | np.ndarray | None] = [None] * len(datas)
-    todo = [i for i, d in enumerate(datas) if _plain_jpeg(d)]
-    decoded: list[torch.Tensor | None] = []
-    if todo:
-        inputs = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in todo]
-        try:
-            decoded = list(decode_jpeg(inputs, mode=ImageReadMode.RGB, device=device))
-        except RuntimeError as e:  # one bad image fails the batch: retry one by one
-            log.debug("batched device decode failed (%s); decoding one by one", e)
-            decoded = [_decode_one(x, device) for x in inputs]
-    for i, img in zip(todo, decoded, strict=True):
-        if img is not None:
-            out[i] = resize_crop_tensor(img.unsqueeze(0), n_px)[0]
-    for i, d in enumerate(datas):
-        if out[i] is None:
-            out[i] = cpu_fallback(d)
-    return out
+    inputs = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    try:
+        return list(decode_jpeg(inputs, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError as e:  # one bad image fails the batch: retry one by one
+        log.debug("batched device decode failed (%s); decoding one by one", e)
+        return [_decode_one(x, device) for x in inputs]
+
+
+_streams = threading.local()
+
+
+@contextlib.contextmanager
+def _private_stream(device: str) -> Iterator[torch.cuda.Stream | None]:
+    """On CUDA, run the block on this thread's private stream, idle before and after.
+
+    Yields the caller's stream (the consumer of the results), or None off CUDA.
+    torchvision's CUDA decoder allocates its outputs on the current stream but writes
+    them from a stream of its own without waiting (pytorch/vision#9606): on the model's
+    stream it could be handed a block that queued kernels still read. A private stream
+    that is idle when the decode starts only owns idle blocks.
+    """
+    if not device.startswith("cuda"):
+        yield None
+        return
+    consumer = torch.cuda.current_stream(device)
+    streams: dict[str, torch.cuda.Stream] = getattr(_streams, "by_device", {})
+    _streams.by_device = streams
+    stream = streams.get(device)
+    if stream is None:
+        stream = streams[device] = torch.cuda.Stream(device)
+    stream.synchronize()
+    with torch.cuda.stream(stream):
+        yield consumer
+    stream.synchronize()  # results complete before the model's stream reads them
 
 
 def _decode_one(data: torch.Tensor, device: str) -> torch.Tensor | None:
@@ -133,6 +186,6 @@ def _decode_one(data: torch.Tensor, device: str) -> torch.Tensor | None:
         return None
 
 
-def _plain_jpeg(data: bytes) -> bool:
+def plain_jpeg(data: bytes) -> bool:
     """A JPEG without an EXIF block (orientation would need a transpose nvjpeg does not do)."""
     return data[:3] == b"\xff\xd8\xff" and b"Exif\x00\x00" not in data[:65536]

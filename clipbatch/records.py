@@ -85,6 +85,8 @@ class PreparedSample:
     height: int | None = None
     image_sha256: bytes | None = None
     caption_truncated: bool = False
+    # preprocess="gpu": JPEG bytes left for the batched decoder on the model's device.
+    deferred_jpeg: bytes | None = None
 
 
 @dataclass

@@ -28,6 +28,11 @@ def set_progress_listener(fn: ProgressFn | None) -> None:
     _progress = fn
 
 
+def progress_listener() -> ProgressFn | None:
+    """The registered rows-done callback, if any (device workers forward to it)."""
+    return _progress
+
+
 def shard_context(
     config: EmbedConfig, run_id: str, run_meta: dict[str, Any] | None = None
 ) -> ShardContext:

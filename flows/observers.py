@@ -6,10 +6,10 @@ import logging
 from typing import Any
 
 from clipbatch.config import EmbedConfig
-from clipbatch.lineage.openlineage import OpenLineageObserver
 from clipbatch.lineage.record import RunRecordWriter
 from clipbatch.lineage.redact import Redactor
-from clipbatch.observe import Observers
+from clipbatch.lineage.transport import transport_configured
+from clipbatch.observe import Observers, RunObserver
 from flows.reporting import PrefectReporter
 
 log = logging.getLogger(__name__)
@@ -47,10 +47,10 @@ def trigger_meta(flow_run_id: str | None) -> dict[str, Any]:
 def make_observers(config: EmbedConfig, run_meta: dict[str, Any]) -> Observers:
     meta = {**run_meta, **trigger_meta(run_meta.get("flow_run_id"))}
     redactor = Redactor()
-    return Observers(
-        [
-            RunRecordWriter(config, meta, redactor),
-            OpenLineageObserver(config, meta, redactor=redactor),
-            PrefectReporter(config, meta, redactor),
-        ]
-    )
+    observers: list[RunObserver] = [RunRecordWriter(config, meta, redactor)]
+    if transport_configured():  # imported only then: the client alone costs 0.3 s
+        from clipbatch.lineage.openlineage import OpenLineageObserver
+
+        observers.append(OpenLineageObserver(config, meta, redactor=redactor))
+    observers.append(PrefectReporter(config, meta, redactor))
+    return Observers(observers)

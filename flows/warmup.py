@@ -1,66 +1,192 @@
-"""Overlap Prefect's temporary-server start-up with loading the model (CLI runs).
+"""Start Prefect's temporary server early, so CLI runs don't wait for it (CLI runs only).
 
-Without ``PREFECT_API_URL``, Prefect starts a temporary server in a subprocess on the
-first API call, and waits for it: about 10-15 s on 2 cores, spent in that subprocess.
-Starting it in the background first lets this process import torch and load the model
-meanwhile (the model is cached per process, so the shard task reuses it). Prefect then
-finds the same server instance (a per-process singleton) already running.
+Without ``PREFECT_API_URL``, Prefect starts a temporary API server in a subprocess on the
+first API call and waits for it. Two things made that slow here (2 cores):
+
+- Prefect's launcher lives in ``prefect.server.api.server``, and importing that module in
+  *this* process costs about 2.4 s of CPU under the GIL, only to spawn the subprocess;
+- nothing else can happen while the flow waits for the server.
+
+So we spawn the very same server (Prefect's uvicorn command line, app factory and
+environment, with the UI off) ourselves, right at start-up, and point this process at it
+with ``temporary_settings``. Meanwhile this process imports torch and loads the model
+(cached per process, so the shard task reuses it). The server lives as long as the
+process, like Prefect's own temporary server.
+
+Heartbeats are off for flows run against it: nothing watches a server that dies with the
+process, and each flow run would otherwise wait up to 1 s for the heartbeat thread.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import importlib.util
 import logging
-import threading
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 from clipbatch.config import EmbedConfig
 
 log = logging.getLogger(__name__)
 
+# uvicorn exits with 3 when its port was taken between our probe and its bind.
+PORT_TAKEN_EXIT_CODE = 3
 
-def _start_temporary_server(errors: list[BaseException]) -> None:
-    try:
-        from prefect.server.api.server import SubprocessASGIServer
 
-        SubprocessASGIServer().start()
-    except BaseException as e:  # noqa: BLE001 - Prefect retries the start and reports it
-        errors.append(e)
+class TemporaryServerError(RuntimeError):
+    """Prefect's temporary server did not come up."""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class TemporaryServer:
+    """Prefect's temporary API server, launched without importing ``prefect.server`` here."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+        self.ready = False
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def start(self) -> None:
+        """Spawn the server; returns at once. :meth:`wait_ready` waits for it."""
+        # Found without importing prefect (0.8 s), so the server starts first thing.
+        spec = importlib.util.find_spec("prefect")
+        if spec is None or not spec.submodule_search_locations:
+            raise TemporaryServerError("prefect is not installed")
+        app_dir = Path(next(iter(spec.submodule_search_locations))).parent
+        self.port = _free_port()
+        env = {
+            **os.environ,
+            # The same switches Prefect's SubprocessASGIServer sets.
+            "PREFECT_UI_ENABLED": "0",
+            "PREFECT__SERVER_EPHEMERAL": "1",
+            "PREFECT__SERVER_FINAL": "1",
+        }
+        command = [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir),
+                   "--factory", "prefect.server.api.server:create_app",
+                   "--host", "127.0.0.1", "--port", str(self.port),
+                   "--log-level", "error", "--lifespan", "on"]  # fmt: skip
+        self.process = subprocess.Popen(
+            command,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        atexit.register(self.stop)
+
+    def wait_ready(self, timeout: float) -> str:
+        """Wait until ``/health`` answers; restart on a lost port race. Returns the API URL."""
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                assert self.process is not None
+                code = self.process.poll()
+                if code == PORT_TAKEN_EXIT_CODE:
+                    self.start()
+                    continue
+                if code is not None:
+                    raise TemporaryServerError(
+                        f"Prefect's temporary server exited with code {code}; "
+                        "set PREFECT_API_URL to use a running server instead"
+                    )
+                with contextlib.suppress(httpx.TransportError):
+                    if client.get(f"{self.api_url}/health").status_code == 200:
+                        self.ready = True
+                        return self.api_url
+                time.sleep(0.05)
+        raise TemporaryServerError(
+            f"Prefect's temporary server did not answer within {timeout:.0f} s; "
+            "set PREFECT_API_URL to use a running server instead"
+        )
+
+    def stop(self) -> None:
+        # atexit order matters: Prefect drains its log and event queues in threading's
+        # exit hooks, which run before atexit's, so they reach the server before it goes.
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+        self.ready = False
+
+
+_server: TemporaryServer | None = None  # one per process, like Prefect's own
+
+
+def _temporary_server() -> TemporaryServer:
+    global _server
+    if _server is None or _server.process is None:
+        _server = TemporaryServer()
+        _server.start()
+    return _server
 
 
 class WarmStart:
-    """Started first thing in a CLI run; :meth:`finish` before the flow starts."""
+    """Started first thing in a CLI run; enter :meth:`session` around the flow call."""
 
     def __init__(self, config: EmbedConfig) -> None:
+        self.config = config
+        self.server: TemporaryServer | None = None
+        # Whether a server is needed is only known from Prefect's settings (environment,
+        # profile), and importing them imports prefect: 0.8 s. When prefect is not loaded
+        # yet and the environment names no API, start the server first and ask after.
+        speculative = "prefect" not in sys.modules and not os.environ.get("PREFECT_API_URL")
+        if speculative:
+            self.server = _temporary_server()
         from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
-        self.config = config
-        self.errors: list[BaseException] = []
-        self.thread: threading.Thread | None = None
-        if not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-            self.thread = threading.Thread(
-                target=_start_temporary_server,
-                args=(self.errors,),
-                name="prefect-server",
-                daemon=True,
-            )
-            self.thread.start()
+        needed = not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value()
+        if needed and self.server is None:
+            self.server = _temporary_server()
+        elif not needed and self.server is not None:
+            self.server.stop()  # a profile names a server after all
+            self.server = None
 
-    def finish(self) -> None:
-        """Load the model (cached per process) while the server boots; then wait for it."""
+    def preload_model(self) -> None:
+        """Load the model (cached per process) while the server boots."""
+        if self.config.runtime.devices:  # device workers load their own copies
+            return
         try:
-            if not self.config.runtime.devices:  # device workers load their own copies
-                from clipbatch.model import load_model
+            from clipbatch.model import load_model
 
-                runtime = self.config.runtime
-                load_model(self.config.model, runtime.device, runtime.precision)
+            runtime = self.config.runtime
+            load_model(self.config.model, runtime.device, runtime.precision)
         except Exception as e:  # noqa: BLE001 - the flow loads it again and reports the error
             log.debug("model preload failed; the flow will report it: %s", e)
-        finally:
-            if self.thread is not None:
-                self.thread.join()  # the flow must not race a half-started server
-        if self.errors:
-            log.warning("early start of Prefect's temporary server failed: %s", self.errors[0])
 
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Preload the model, wait for the server, and point Prefect at it meanwhile."""
+        self.preload_model()
+        if self.server is None:
+            yield
+            return
+        from prefect.settings import (
+            PREFECT_API_URL,
+            PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+            PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+            temporary_settings,
+        )
 
-def warm_start(config: EmbedConfig) -> None:
-    """Start the temporary server (when one will be needed) while the model loads."""
-    WarmStart(config).finish()
+        url = self.server.wait_ready(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+        with temporary_settings({PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            yield

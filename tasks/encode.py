@@ -19,7 +19,7 @@ from prefect.tasks import exponential_backoff
 
 from clipbatch.config import EmbedConfig
 from clipbatch.errors import is_transient
-from clipbatch.lineage.openlineage import ShardLineage
+from clipbatch.lineage.transport import transport_configured
 from clipbatch.multigpu import run_shard_on_devices
 from clipbatch.records import ShardResult, ShardSpec
 from clipbatch.sink import output_uri
@@ -49,18 +49,24 @@ def encode_shard(
 ) -> ShardResult:
     logger = get_run_logger()
     logger.info("encoding shard %s (%s)", shard.name, shard.uri)
-    # The shard's own OpenLineage run, a child of the flow run (no-op unless configured).
-    ol = ShardLineage(
-        shard, config, run_meta, task_run.get_id(), output_uri(config.sink.url, shard.name)
-    )
-    ol.start()
+    # The shard's own OpenLineage run, a child of the flow run (when configured).
+    ol = None
+    if transport_configured():
+        from clipbatch.lineage.openlineage import ShardLineage
+
+        ol = ShardLineage(
+            shard, config, run_meta, task_run.get_id(), output_uri(config.sink.url, shard.name)
+        )
+        ol.start()
     try:
         # Here, or on a free per-device worker process when runtime.devices is set.
         result = run_shard_on_devices(shard, config, run_id, fingerprint, run_meta)
     except BaseException as e:
-        ol.fail(e)
+        if ol is not None:
+            ol.fail(e)
         raise
-    ol.complete(result)
+    if ol is not None:
+        ol.complete(result)
     logger.info(
         "shard %s: %d rows (%d ok, %d failed) in %.1fs",
         shard.name,

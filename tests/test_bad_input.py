@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import io
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -304,3 +305,29 @@ def test_image_only_and_caption_only(prefect_harness, tmp_path, s3_bucket, s3_en
     row = rows["captions/0"]
     assert row["image_embedding"] is None and row["image_sha256"] is None
     assert cosine(np.asarray(row["text_embedding"], np.float32), ref_text("a red circle")) > 0.999
+
+
+def test_gpu_preprocessing_keeps_every_case(prefect_harness, tmp_path, clip_ref):
+    """preprocess='gpu' sends plain JPEGs through the batched device decoder (on a CPU
+    device, torchvision's CPU decoder: the same code path) and everything else through the
+    CPU: every case still gets its exact status, and good rows match stock clip."""
+    from clipbatch.config import build_config
+    from flows.embed import embed_dataset
+
+    expected = write_webdataset_corpus(tmp_path / "wds")
+    dest = tmp_path / "out"
+    config = build_config(
+        {
+            "source": {"url": str(tmp_path / "wds"), "kind": "webdataset"},
+            "sink": {"url": str(dest)},
+            "model": {"name": "tiny"},
+            "runtime": {"device": "cpu", "preprocess": "gpu", "batch_size": 4, "task_retries": 0},
+        }
+    )
+    summary = embed_dataset(config)
+    assert summary["shards_committed"] == 2
+    table, files = read_table(str(dest))
+    assert files == ["00000.parquet", "00001.parquet"]
+    check_rows(table.to_pylist(), expected, clip_ref)
+    meta = json.loads(pq.read_metadata(dest / "00000.parquet").metadata[b"clipbatch"])
+    assert meta["preprocessing"]["mode"] == "gpu"

@@ -165,10 +165,10 @@ def test_device_jpeg_decode_falls_back_per_image() -> None:
     datas = [good[0], buf.getvalue(), buf2.getvalue(), good[1], corrupt]
     fell_back: list[int] = []
 
-    def fallback(d: bytes) -> np.ndarray | None:
-        fell_back.append(datas.index(d))
+    def fallback(i: int) -> np.ndarray | None:
+        fell_back.append(i)
         try:
-            return decode_to_pixels(d, DecodeOptions(32, "fast"))[0]
+            return decode_to_pixels(datas[i], DecodeOptions(32, "fast"))[0]
         except Exception:  # noqa: BLE001 - the caller records a decode_error row
             return None
 
@@ -180,3 +180,65 @@ def test_device_jpeg_decode_falls_back_per_image() -> None:
         cpu = decode_to_pixels(datas[i], DecodeOptions(32, "fast"))[0]
         assert np.abs(out[i].permute(1, 2, 0).numpy().astype(int) - cpu).mean() < 3
     assert isinstance(out[2], np.ndarray) and out[2].shape == (32, 32, 3)
+
+
+def test_gpu_mode_defers_plain_jpegs_to_the_batched_device_decode() -> None:
+    from clipbatch.decode import finish_on_device, prepare
+    from clipbatch.records import RawSample
+
+    plain = images([(120, 90), (90, 120)], seed=6)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(plain[0])).save(buf, format="JPEG", exif=exif)
+    cmyk = io.BytesIO()
+    Image.open(io.BytesIO(plain[1])).convert("CMYK").save(cmyk, format="JPEG")
+    png = io.BytesIO()
+    Image.new("RGB", (40, 30), (0, 90, 200)).save(png, format="PNG")
+    truncated = plain[1][: len(plain[1]) // 3]  # the header parses; the scan data is cut
+    datas = [plain[0], buf.getvalue(), cmyk.getvalue(), png.getvalue(), plain[1], truncated]
+    opts = DecodeOptions(32, "gpu")
+    rows = [
+        prepare(RawSample(str(i), f"{i}.jpg", image_bytes=d), opts) for i, d in enumerate(datas)
+    ]
+
+    # Plain RGB JPEGs wait for the device; EXIF-rotated, CMYK and PNG decode on the CPU now.
+    assert [r.deferred_jpeg is not None for r in rows] == [True, False, False, False, True, True]
+    assert all(isinstance(rows[i].pixels, np.ndarray) for i in (1, 2, 3))
+    assert (rows[1].width, rows[1].height) == (90, 120)  # orientation applied on the CPU
+
+    finish_on_device(rows, opts, "cpu")  # the CPU device runs the CUDA code path
+
+    assert all(r.deferred_jpeg is None for r in rows)
+    for i in (0, 4):
+        assert isinstance(rows[i].pixels, torch.Tensor) and tuple(rows[i].pixels.shape) == (
+            32,
+            32,
+            3,
+        )
+        cpu = decode_to_pixels(datas[i], DecodeOptions(32, "fast"))[0]
+        assert np.abs(rows[i].pixels.numpy().astype(int) - cpu).mean() < 3
+        assert rows[i].raw.status == "ok"
+    assert rows[5].raw.status == "decode_error" and rows[5].pixels is None
+    assert rows[5].raw.error and "truncated" in rows[5].raw.error.lower()
+
+
+def test_float_resize_for_cuda_matches_the_uint8_path() -> None:
+    """CUDA resizes through float32 (no uint8 kernels there); run that path on the CPU."""
+    from clipbatch.preprocess import resize_via_float
+
+    for w, h in [(300, 220), (97, 64), (64, 130)]:
+        [data] = images([(w, h)], seed=w)
+        pixels = np.array(Image.open(io.BytesIO(data)).convert("RGB"))
+        t = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
+        via_uint8 = torch.nn.functional.interpolate(
+            t.contiguous(memory_format=torch.channels_last),
+            size=(48, 40),
+            mode="bicubic",
+            antialias=True,
+            align_corners=False,
+        )
+        via_float = resize_via_float(t, 48, 40)
+        assert via_float.dtype == torch.uint8 and via_float.shape == via_uint8.shape
+        diff = (via_float.int() - via_uint8.int()).abs()
+        assert diff.max() <= 2 and diff.float().mean() < 0.2

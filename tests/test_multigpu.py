@@ -19,6 +19,7 @@ from clipbatch.multigpu import (
     device_pool,
     resolve_devices,
 )
+from clipbatch.runner import set_progress_listener
 from clipbatch.synthetic import write_webdataset
 from tests.multigpu_targets import die_on, report
 
@@ -98,11 +99,15 @@ def test_flow_spreads_shards_over_device_workers(tmp_path: Path, prefect_harness
             "runtime": {"device": "cpu", "devices": ["cpu", "cpu"], "batch_size": 4},
         }
     )
+    progress: list[int] = []
+    set_progress_listener(progress.append)  # the CLI's bar, fed from the worker processes
     try:
         summary = embed_dataset(config)
     finally:
+        set_progress_listener(None)
         device_pool(["cpu", "cpu"]).close()
     assert summary["shards_committed"] == 4 and summary["rows_written"] == 24
+    assert sum(progress) == 24 and len(progress) >= 4
     pids = set()
     for name in ["00000", "00001", "00002", "00003"]:
         meta = json.loads(pq.read_metadata(dest / f"{name}.parquet").metadata[b"clipbatch"])

@@ -23,8 +23,8 @@ def execute(config: EmbedConfig, progress: bool = False) -> tuple[dict[str, Any]
         bar = tqdm(unit="img", desc="embedding", dynamic_ncols=True)
         set_progress_listener(bar.update)
     try:
-        warm.finish()
-        state = embed_dataset(config, return_state=True)
+        with warm.session():
+            state = embed_dataset(config, return_state=True)
     finally:
         set_progress_listener(None)
         if bar is not None:

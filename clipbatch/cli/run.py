@@ -44,7 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="GPU slots each shard task claims on Dask (workers started with "
         "--resources GPU=1) or Ray (num_gpus)",
     )
-    p.add_argument("--preprocess", choices=["exact", "fast"])
+    p.add_argument(
+        "--preprocess",
+        choices=["exact", "fast", "gpu"],
+        help="exact (default): bit-identical to the model's own transform; fast: JPEG draft "
+        "decoding + SIMD resize on the CPU; gpu: JPEGs decoded batched on the GPU (nvJPEG)",
+    )
     p.add_argument("--dtype", choices=["float16", "float32"], help="embedding storage dtype")
     p.add_argument("--max-error-ratio", type=float)
     p.add_argument(

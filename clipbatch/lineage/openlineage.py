@@ -44,6 +44,7 @@ from clipbatch import __version__
 from clipbatch.config import EmbedConfig, SourceConfig
 from clipbatch.lineage.naming import dataset_id, dataset_prefix
 from clipbatch.lineage.redact import Redactor
+from clipbatch.lineage.transport import namespace, transport_configured
 from clipbatch.plan import RunPlan
 from clipbatch.records import ShardResult, ShardSpec
 from clipbatch.storage import get_fs
@@ -52,30 +53,8 @@ from clipbatch.summary import RunSummary
 log = logging.getLogger(__name__)
 
 PRODUCER = "https://pypi.org/project/clipbatch/"
-DEFAULT_NAMESPACE = "clipbatch"
 SHARD_JOB_SUFFIX = "encode-shard"
 CUSTOM_FACET_SCHEMA = "https://pypi.org/project/clipbatch/#/definitions/ClipbatchRunFacet"
-
-
-def transport_configured(environ: Mapping[str, str] | None = None, cwd: str | None = None) -> bool:
-    """Whether the user configured a transport; OpenLineage stays off otherwise."""
-    env = os.environ if environ is None else environ
-    if env.get("OPENLINEAGE_DISABLED", "").strip().lower() == "true":
-        return False
-    if env.get("OPENLINEAGE_URL") or env.get("OPENLINEAGE_CONFIG"):
-        return True
-    if any(k.startswith("OPENLINEAGE__TRANSPORT") for k in env):
-        return True
-    candidates = [
-        os.path.join(cwd or os.getcwd(), "openlineage.yml"),
-        os.path.join(os.path.expanduser("~/.openlineage"), "openlineage.yml"),
-    ]
-    return any(os.path.isfile(p) for p in candidates)
-
-
-def namespace(environ: Mapping[str, str] | None = None) -> str:
-    env = os.environ if environ is None else environ
-    return env.get("OPENLINEAGE_NAMESPACE") or DEFAULT_NAMESPACE
 
 
 def flow_job_name(run_meta: Mapping[str, Any]) -> str:
