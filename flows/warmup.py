@@ -27,11 +27,13 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from clipbatch.config import EmbedConfig
+from clipbatch.errors import ClipbatchError
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +41,8 @@ log = logging.getLogger(__name__)
 PORT_TAKEN_EXIT_CODE = 3
 
 
-class TemporaryServerError(RuntimeError):
-    """Prefect's temporary server did not come up."""
+class TemporaryServerError(ClipbatchError):
+    """Prefect's temporary server did not come up (the CLI prints this, exit code 2)."""
 
 
 def _free_port() -> int:
@@ -56,6 +58,7 @@ class TemporaryServer:
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
         self.ready = False
+        self.released = False  # told to stop; reaped at exit
 
     @property
     def api_url(self) -> str:
@@ -114,6 +117,42 @@ class TemporaryServer:
             "set PREFECT_API_URL to use a running server instead"
         )
 
+    def warm_up_in_background(self) -> None:
+        """Make the server's first real requests cheap while this process still loads.
+
+        The first API calls of a fresh server are slow (about 0.2 s: database engine,
+        query compilation); made here, they overlap the model load instead of delaying
+        the flow. Failures are ignored: the flow's own calls report real problems.
+        """
+
+        def warm() -> None:
+            import httpx
+
+            deadline = time.monotonic() + 60
+            with httpx.Client(base_url=self.api_url, timeout=5.0) as client:
+                while time.monotonic() < deadline and self.process is not None:
+                    with contextlib.suppress(httpx.HTTPError):
+                        if client.get("/health").status_code == 200:
+                            client.get("/admin/version")
+                            client.post("/flows/filter", json={"limit": 1})
+                            return
+                    time.sleep(0.05)
+
+        threading.Thread(target=warm, name="prefect-server-warm-up", daemon=True).start()
+
+    def release(self) -> None:
+        """After the flow: deliver Prefect's queued logs and events, then let the server
+        shut down while the CLI prints its summary; :meth:`stop` reaps it at exit."""
+        if self.process is None or self.released:
+            return
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        for service in (EventsWorker, APILogWorker):
+            service.drain_all(timeout=10)
+        self.released = True
+        self.process.terminate()
+
     def stop(self) -> None:
         # atexit order matters: Prefect drains its log and event queues in threading's
         # exit hooks, which run before atexit's, so they reach the server before it goes.
@@ -127,6 +166,7 @@ class TemporaryServer:
             self.process.wait()
         self.process = None
         self.ready = False
+        self.released = False
 
 
 _server: TemporaryServer | None = None  # one per process, like Prefect's own
@@ -134,9 +174,10 @@ _server: TemporaryServer | None = None  # one per process, like Prefect's own
 
 def _temporary_server() -> TemporaryServer:
     global _server
-    if _server is None or _server.process is None:
+    if _server is None or _server.process is None or _server.released:
         _server = TemporaryServer()
         _server.start()
+        _server.warm_up_in_background()
     return _server
 
 
@@ -190,3 +231,4 @@ class WarmStart:
         url = self.server.wait_ready(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
         with temporary_settings({PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             yield
+            self.server.release()

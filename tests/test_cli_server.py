@@ -60,8 +60,13 @@ def test_cli_starts_a_temporary_server_and_records_the_run_in_it(tmp_path: Path)
             "select state_type from task_run where flow_run_id = ? and name like 'encode-%'",
             (run_id,),
         ).fetchall()
+        # Events travel through Prefect's queue and the server's batched writer: the
+        # CLI drains the queue before it stops the server, which flushes on shutdown.
+        events = dict(db.execute("select event, count(*) from events group by event").fetchall())
     assert state == "COMPLETED"
     assert sorted(tasks) == [("COMPLETED",), ("COMPLETED",)]
+    assert events.get("clipbatch.shard.committed") == 2
+    assert events.get("prefect.flow-run.Completed") == 1
 
 
 def test_cli_uses_the_server_a_profile_names(prefect_harness, tmp_path: Path) -> None:
@@ -84,3 +89,17 @@ def test_cli_uses_the_server_a_profile_names(prefect_harness, tmp_path: Path) ->
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(run_id)
     assert run.state is not None and run.state.is_completed()
+
+
+def test_a_temporary_server_that_never_answers_is_a_clean_error(tmp_path: Path) -> None:
+    data, dest, home = tmp_path / "wds", tmp_path / "emb", tmp_path / "prefect-home"
+    write_webdataset(data, shards=1, per_shard=2, seed=5, size=64)
+    env = cli_env(home)
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "0"
+
+    proc = run_cli(data, dest, env)
+
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "temporary server did not answer within 0 s" in proc.stderr
+    assert "set PREFECT_API_URL" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(dest.glob("*.parquet"))
