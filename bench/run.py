@@ -357,7 +357,7 @@ def render(results: dict[str, Any]) -> str:
         + "Model rows: the median of 5 rounds, each measuring "
         "encode-only, a small and a large run back to back (ratios are taken within a "
         "round, then the median); preprocessing: best of 6 interleaved rounds; wall "
-        "clock: best of 2, the tools alternated. Per-round figures: bench/results.json.",
+        "clock: best of 3, the tools alternated. Per-round figures: bench/results.json.",
         "",
     ]
     if results.get("models"):

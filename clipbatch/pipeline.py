@@ -7,6 +7,7 @@ bounded by the queue sizes, not by the shard or dataset size.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -144,6 +145,8 @@ def process_shard(shard: ShardSpec, ctx: ShardContext, fingerprint: str) -> Shar
         shard.version,
     )
     skips = SkipLogger(log, shard.name)
+    if opts.mode == "gpu" and ctx.encoder.device.type != "cuda":
+        _warn_gpu_mode_off_cuda(str(ctx.encoder.device))
     if cfg.runtime.auto_batch_size:
         auto_batch_size(ctx.encoder, cfg.runtime.batch_size)
     batch_size = ctx.encoder.batch_size
@@ -212,6 +215,15 @@ def process_shard(shard: ShardSpec, ctx: ShardContext, fingerprint: str) -> Shar
     if result.rows and failed / result.rows > cfg.runtime.max_error_ratio:
         raise TooManyErrorsError(shard.name, failed, result.rows, cfg.runtime.max_error_ratio)
     return result
+
+
+@functools.cache
+def _warn_gpu_mode_off_cuda(device: str) -> None:
+    log.warning(
+        "preprocess='gpu' on %s: JPEGs are decoded by torchvision's CPU decoder in one "
+        "thread per batch, slower than 'fast' or 'exact' there",
+        device,
+    )
 
 
 @dataclass
@@ -340,8 +352,8 @@ def _timed_write(
 RESIZE_NOTES = {
     "exact": " (PIL, as the model's own transform)",
     "fast": " (torch uint8, antialiased; JPEG draft decoding at 1/2 or 1/4, >= 1.5x that size)",
-    "gpu": " (JPEGs decoded batched on the model's device, torch uint8 antialiased resize "
-    "there; other images as 'fast' on the CPU)",
+    "gpu": " (plain JPEGs decoded batched on the model's device, antialiased resize there, "
+    "float32 on CUDA; other images as 'fast' on the CPU)",
 }
 
 
