@@ -29,6 +29,7 @@ from clipbatch.errors import TooManyErrorsError
 from clipbatch.fingerprint import output_options
 from clipbatch.logutil import SkipLogger
 from clipbatch.model import LoadedModel
+from clipbatch.preprocess import gpu_decode_available
 from clipbatch.records import (
     ENCODE_ERROR,
     OK,
@@ -145,8 +146,8 @@ def process_shard(shard: ShardSpec, ctx: ShardContext, fingerprint: str) -> Shar
         shard.version,
     )
     skips = SkipLogger(log, shard.name)
-    if opts.mode == "gpu" and ctx.encoder.device.type != "cuda":
-        _warn_gpu_mode_off_cuda(str(ctx.encoder.device))
+    if opts.mode == "gpu" and not gpu_decode_available(str(ctx.encoder.device)):
+        _warn_no_device_decoder(str(ctx.encoder.device))
     if cfg.runtime.auto_batch_size:
         auto_batch_size(ctx.encoder, cfg.runtime.batch_size)
     batch_size = ctx.encoder.batch_size
@@ -218,10 +219,10 @@ def process_shard(shard: ShardSpec, ctx: ShardContext, fingerprint: str) -> Shar
 
 
 @functools.cache
-def _warn_gpu_mode_off_cuda(device: str) -> None:
+def _warn_no_device_decoder(device: str) -> None:
     log.warning(
-        "preprocess='gpu' on %s: JPEGs are decoded by torchvision's CPU decoder in one "
-        "thread per batch, slower than 'fast' or 'exact' there",
+        "preprocess='gpu' on %s, which has no CUDA JPEG decoder: torchvision's CPU decoder "
+        "decodes each batch in one thread, slower than 'fast' or 'exact' there",
         device,
     )
 

@@ -128,10 +128,11 @@ def decode_jpegs_on_device(
             for i, img in zip(todo, _decode_batch([datas[i] for i in todo], device), strict=True):
                 if img is not None:
                     out[i] = resize_crop_tensor(img.unsqueeze(0), n_px)[0]
-        for i in todo:
-            t = out[i]
-            if consumer is not None and isinstance(t, torch.Tensor):
-                t.record_stream(consumer)  # not reused while the model's stream reads it
+        if consumer is not None:
+            for i in todo:
+                t = out[i]
+                if isinstance(t, torch.Tensor):
+                    t.record_stream(consumer)  # not reused while the model's stream reads it
     for i in range(len(datas)):
         if out[i] is None:
             out[i] = cpu_fallback(i)

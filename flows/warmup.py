@@ -31,9 +31,13 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from clipbatch.config import EmbedConfig
 from clipbatch.errors import ClipbatchError
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +61,6 @@ class TemporaryServer:
     def __init__(self) -> None:
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
-        self.ready = False
         self.released = False  # told to stop; reaped at exit
 
     @property
@@ -107,15 +110,21 @@ class TemporaryServer:
                         f"Prefect's temporary server exited with code {code}; "
                         "set PREFECT_API_URL to use a running server instead"
                     )
-                with contextlib.suppress(httpx.TransportError):
-                    if client.get(f"{self.api_url}/health").status_code == 200:
-                        self.ready = True
-                        return self.api_url
+                if self._healthy(client):
+                    return self.api_url
                 time.sleep(0.05)
         raise TemporaryServerError(
             f"Prefect's temporary server did not answer within {timeout:.0f} s; "
             "set PREFECT_API_URL to use a running server instead"
         )
+
+    def _healthy(self, client: httpx.Client) -> bool:
+        import httpx
+
+        try:
+            return client.get(f"{self.api_url}/health").status_code == 200
+        except httpx.TransportError:
+            return False
 
     def warm_up_in_background(self) -> None:
         """Make the server's first real requests cheap while this process still loads.
@@ -129,13 +138,13 @@ class TemporaryServer:
             import httpx
 
             deadline = time.monotonic() + 60
-            with httpx.Client(base_url=self.api_url, timeout=5.0) as client:
+            with httpx.Client(timeout=5.0) as client:
                 while time.monotonic() < deadline and self.process is not None:
-                    with contextlib.suppress(httpx.HTTPError):
-                        if client.get("/health").status_code == 200:
-                            client.get("/admin/version")
-                            client.post("/flows/filter", json={"limit": 1})
-                            return
+                    if self._healthy(client):
+                        with contextlib.suppress(httpx.HTTPError):
+                            client.get(f"{self.api_url}/admin/version")
+                            client.post(f"{self.api_url}/flows/filter", json={"limit": 1})
+                        return
                     time.sleep(0.05)
 
         threading.Thread(target=warm, name="prefect-server-warm-up", daemon=True).start()
@@ -165,7 +174,6 @@ class TemporaryServer:
             self.process.kill()
             self.process.wait()
         self.process = None
-        self.ready = False
         self.released = False
 
 
