@@ -111,9 +111,9 @@ def run_pipeline(config_raw: dict[str, Any]) -> tuple[float, int]:
     from clipbatch.plan import plan_shards
     from clipbatch.runner import shard_context
 
-    config = build_config(config_raw)
-    plan = plan_shards(config)
-    ctx = shard_context(config, uuid.uuid4().hex)
+    plan = plan_shards(build_config(config_raw))
+    assert plan.config is not None
+    ctx = shard_context(plan.config, uuid.uuid4().hex)
     rows = 0
     start = time.perf_counter()
     for shard in plan.shards:

@@ -1,5 +1,10 @@
 """GPU checks in one go (``python -m bench --gpu`` or ``bash bench/gpu.sh``), about 5-10 minutes.
 
+Also measures bigger shapes users run, random weights from configs (``FAMILY_SHAPES``):
+OpenAI ViT-L/14, open_clip ViT-H-14 and a SigLIP-SO400M/14@384 (transformers), each
+behind its family's clipbatch backend: stock images/s and captions/s against clipbatch's
+encoder path (``--no-shapes`` skips them).
+
 Checks the issue's GPU targets with a random ViT-B/32 in fp16 and prints PASS/FAIL:
 - encode-only images/s (ready tensors, the model's limit) >= 15,000;
 - text captions/s (LAION-like captions, trimmed to the batch's longest) >= 30,000;
@@ -109,6 +114,195 @@ def gpu_decode_fidelity(model: torch.nn.Module, count: int = 32) -> dict[str, fl
     return {"gpu_decode_min_cos": float(c.min()), "gpu_decode_mean_cos": float(c.mean())}
 
 
+# Bigger shapes users run, random weights, configs only (nothing is downloaded).
+FAMILY_SHAPES: dict[str, dict[str, Any]] = {
+    "ViT-L/14 (OpenAI clip)": {
+        "family": "openai",
+        "batch": 256,
+        "arch": dict(
+            embed_dim=768,
+            image_resolution=224,
+            vision_layers=24,
+            vision_width=1024,
+            vision_patch_size=14,
+            context_length=77,
+            vocab_size=49408,
+            transformer_width=768,
+            transformer_heads=12,
+            transformer_layers=12,
+        ),
+    },
+    "ViT-H-14 (open_clip)": {"family": "open_clip", "batch": 256, "config": "ViT-H-14"},
+    "SigLIP-SO400M/14@384 (transformers)": {
+        "family": "hf",
+        "batch": 128,
+        "siglip": {
+            "text_config": dict(
+                vocab_size=32000,
+                hidden_size=1152,
+                intermediate_size=4304,
+                num_hidden_layers=27,
+                num_attention_heads=16,
+                max_position_embeddings=64,
+                pad_token_id=1,
+                eos_token_id=1,
+                bos_token_id=None,
+            ),
+            "vision_config": dict(
+                image_size=384,
+                patch_size=14,
+                hidden_size=1152,
+                intermediate_size=4304,
+                num_hidden_layers=27,
+                num_attention_heads=16,
+            ),
+        },
+    },
+}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _rate_on(device: str, fn: Any, items: int, seconds: float) -> float:
+    _sync(device)
+    reps, start = 0, time.perf_counter()
+    while reps == 0 or time.perf_counter() - start < seconds:
+        fn()
+        reps += 1
+    _sync(device)
+    return reps * items / (time.perf_counter() - start)
+
+
+def build_shape(spec: dict[str, Any], device: str) -> Any:
+    """A random model of ``spec``'s shape behind its family's clipbatch backend (fp16 on CUDA)."""
+    from clipbatch.model import LoadedModel, ResolvedCheckpoint
+
+    half = device.startswith("cuda")
+    family = spec["family"]
+    with torch.device(device):  # initialise on the device: seconds, not minutes, for 1B params
+        torch.manual_seed(0)
+        if family == "openai":
+            import clip.model
+
+            from clipbatch.models.openai import OpenAIBackend
+
+            model = clip.model.CLIP(**spec["arch"])
+            if half:
+                clip.model.convert_weights(model)
+            backend = OpenAIBackend(model.eval())
+        elif family == "open_clip":
+            import open_clip
+            from open_clip.transform import PreprocessCfg, image_transform_v2
+
+            from clipbatch.models.openclip import OpenClipBackend
+
+            cfg = open_clip.get_model_config(spec["config"])
+            for part, values in spec.get("override", {}).items():
+                cfg[part].update(values)
+            model = open_clip.model.CLIP(**cfg)
+            if half:
+                open_clip.model.convert_weights_to_lp(model, torch.float16)
+            pre = open_clip.get_model_preprocess_cfg(model)
+            transform = image_transform_v2(PreprocessCfg(**pre), is_train=False)
+            tokenizer = open_clip.get_tokenizer(spec["config"])  # clip's BPE: offline
+            backend = OpenClipBackend(model.eval(), transform, tokenizer, cfg["embed_dim"])
+        else:
+            from transformers import SiglipConfig, SiglipModel
+
+            from clipbatch.models.hf import HFBackend
+
+            model = SiglipModel(SiglipConfig(**spec["siglip"]))
+            model = (model.half() if half else model).eval()
+            backend = HFBackend(model, _siglip_processor(spec), 64)
+    dtype = torch.float16 if half else torch.float32
+    checkpoint = ResolvedCheckpoint("random", "0" * 64, "random", family=family)
+    return LoadedModel(model, backend.reference_preprocess, checkpoint, device, dtype, backend)
+
+
+def _siglip_processor(spec: dict[str, Any]) -> Any:
+    """A SigLIP processor at the shape's size, with a SentencePiece tokenizer trained here."""
+    import tempfile
+
+    import sentencepiece as spm
+    from transformers import SiglipImageProcessor, SiglipProcessor, SiglipTokenizer
+
+    size = spec["siglip"]["vision_config"]["image_size"]
+    words = CAPTIONS * 50
+    prefix = Path(tempfile.mkdtemp()) / "spm"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(words),
+        model_prefix=str(prefix),
+        vocab_size=150,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    return SiglipProcessor(
+        image_processor=SiglipImageProcessor(size={"height": size, "width": size}),
+        tokenizer=SiglipTokenizer(vocab_file=f"{prefix}.model", model_max_length=64),
+    )
+
+
+def family_shape_limits(
+    name: str, spec: dict[str, Any], device: str = "cuda", seconds: float = 3.0
+) -> dict[str, Any]:
+    """Per shape: the stock calls' images/s and captions/s (full context), and clipbatch's
+    encoder path on the same batch (uint8 pixels normalised on the device; the family's own
+    tokens, trimmed where that is exact)."""
+    from clipbatch.encode import ClipEncoder
+
+    loaded = build_shape(spec, device)
+    backend, batch = loaded.backend, spec["batch"]
+    enc = ClipEncoder(loaded, batch_size=batch)
+    height, width = backend.image.size
+    dtype = loaded.dtype
+    images = torch.randn(batch, 3, height, width, device=device, dtype=dtype)
+    pixels = torch.randint(0, 256, (batch, height, width, 3), dtype=torch.uint8, device=device)
+    captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(batch)]
+    ours_tokens, _ = enc.tokenize(captions)
+    ours_tokens = ours_tokens.to(device)
+    if backend.family == "hf":
+        full = backend.processor(
+            text=captions, padding="max_length", truncation=True, return_tensors="pt"
+        ).to(device)
+
+        def stock_image() -> Any:
+            return loaded.model.get_image_features(pixel_values=images)
+
+        def stock_text() -> Any:
+            return loaded.model.get_text_features(**full)
+    else:
+        import clip
+
+        full = clip.tokenize(captions, truncate=True).to(device)
+
+        def stock_image() -> Any:
+            return loaded.model.encode_image(images)
+
+        def stock_text() -> Any:
+            return loaded.model.encode_text(full)
+
+    out: dict[str, Any] = {"shape": name, "family": backend.family, "batch": batch}
+    with torch.inference_mode():
+        for _ in range(2):  # warm-up: cuDNN autotuning, allocator
+            stock_image(), stock_text()
+            backend.encode_text(ours_tokens)
+        out["stock_images"] = _rate_on(device, stock_image, batch, seconds)
+        out["stock_text_full_context"] = _rate_on(device, stock_text, batch, seconds)
+        out["clipbatch_text"] = _rate_on(
+            device, lambda: backend.encode_text(ours_tokens), batch, seconds
+        )
+    out["clipbatch_images"] = _rate_on(device, lambda: enc.encode_images(pixels), batch, seconds)
+    out["text_tokens"] = int(ours_tokens.shape[1])
+    return out
+
+
 def end_to_end(
     ckpt: str, src: Path, dest: Path, batch: int, preprocess: str, device: str = "cuda"
 ) -> dict[str, Any]:
@@ -145,12 +339,42 @@ def end_to_end(
     return {"images_per_s": rows / seconds, "rows": rows, "seconds": seconds}
 
 
+def shape_lines(shapes: list[dict[str, Any]]) -> list[str]:
+    """The family shapes as a markdown table (random weights, fp16)."""
+    if not shapes:
+        return []
+    lines = [
+        "",
+        "Bigger shapes (random weights, fp16): stock calls vs clipbatch's encoder path.",
+        "",
+        "| shape | batch | stock images/s | clipbatch images/s | stock text/s (full context) "
+        "| clipbatch text/s (tokens) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in shapes:
+        if "error" in s:
+            lines.append(f"| {s['shape']} | failed: {s['error']} | | | | |")
+            continue
+        lines.append(
+            f"| {s['shape']} | {s['batch']} | {s['stock_images']:,.0f} | "
+            f"{s['clipbatch_images']:,.0f} | {s['stock_text_full_context']:,.0f} | "
+            f"{s['clipbatch_text']:,.0f} ({s['text_tokens']}) |"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench --gpu")
     parser.add_argument("--shards", type=int, default=9, help="shards (the first is warm-up)")
     parser.add_argument("--per-shard", type=int, default=4000)
     parser.add_argument("--size", type=int, default=320, help="JPEG side in pixels")
     parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument(
+        "--no-shapes",
+        dest="shapes",
+        action="store_false",
+        help="skip the ViT-L/14, ViT-H-14 and SigLIP-SO400M shapes",
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("FAIL: no CUDA device visible; run this on a GPU machine")
@@ -183,6 +407,15 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(results, indent=1), flush=True)
     del model
     torch.cuda.empty_cache()
+    shapes: list[dict[str, Any]] = []
+    for name, spec in FAMILY_SHAPES.items() if args.shapes else ():
+        try:  # each shape on its own: one failing must not cost the others
+            shapes.append(family_shape_limits(name, spec))
+        except Exception as e:  # noqa: BLE001 - reported in the table
+            shapes.append({"shape": name, "error": f"{type(e).__name__}: {e}"})
+        print(json.dumps(shapes[-1]), flush=True)
+        torch.cuda.empty_cache()  # the shape's model is gone with its function's frame
+    results["family_shapes"] = shapes
     t0 = time.perf_counter()
     src = _write_shards(
         work_dir() / f"gpu-{args.shards}x{args.per_shard}-{args.size}",
@@ -240,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     errors = {k: v for k, v in results.items() if k.endswith("_error")}
     lines += [f"- {k}: {v}" for k, v in errors.items()]
+    lines += shape_lines(results.get("family_shapes", []))
     text = "\n".join(lines) + "\n"
     print(text)
     here = Path(__file__).parent

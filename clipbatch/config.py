@@ -171,8 +171,12 @@ class ModelConfig(_Frozen):
 
     name: str = Field(
         "ViT-B/32",
-        description="A clip model name (ViT-B/32, ...), 'tiny' for the built-in checkpoint, "
-        "a local checkpoint path, or an object-store URI (s3://...).",
+        description="OpenAI clip: a clip name (ViT-B/32, ...), 'tiny' (built in), a local "
+        "checkpoint path or an object-store URI (s3://...), optionally prefixed openai:. "
+        "open_clip: open_clip:ARCH:TAG (e.g. open_clip:ViT-H-14:laion2b_s32b_b79k), "
+        "open_clip:local-dir:PATH_OR_URL, open_clip:hf-hub:ORG/REPO. Transformers: "
+        "hf:ORG/NAME[@REVISION], or hf:PATH_OR_URL for a save_pretrained folder (a path "
+        "starts with /, ./ or ../).",
         min_length=1,
     )
     checkpoint_sha256: str | None = Field(
@@ -180,8 +184,13 @@ class ModelConfig(_Frozen):
         description="Expected sha256 of the checkpoint file; loading fails when it differs.",
         pattern=r"^[0-9a-f]{64}$",
     )
-    max_caption_tokens: int = Field(
-        77, ge=2, le=77, description="Captions are tokenised and truncated to this many tokens."
+    max_caption_tokens: int | None = Field(
+        77,
+        ge=2,
+        le=77,
+        description="Captions are tokenised and truncated to this many tokens, clamped to the "
+        "model's context length (77 for CLIP, 64 for SigLIP), so the default is the model's "
+        "own limit; null means the context length itself.",
     )
     storage: StorageOptions = Field(default_factory=StorageOptions)
 
@@ -214,7 +223,14 @@ class RuntimeConfig(_Frozen):
         0, ge=0, le=256, description="Decode/preprocess threads; 0 picks one per core."
     )
     shard_concurrency: int = Field(
-        1, ge=1, le=64, description="Shards encoded at once in one process (bounded task runner)."
+        1, ge=1, le=64, description="Shard task runs in flight at once (bounded task runner)."
+    )
+    shards_per_task: int = Field(
+        0,
+        ge=0,
+        le=100_000,
+        description="Shards per task run, each still committed on its own. 0 (auto): one "
+        "up to 1,000 shards, then enough that a flow run makes about 1,000 task runs.",
     )
     preprocess: Literal["exact", "fast", "gpu"] = Field(
         "exact",

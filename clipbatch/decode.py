@@ -1,10 +1,12 @@
 """Decode image bytes and do the per-image part of the model's preprocessing, in uint8.
 
-The model's reference transform is Resize(n_px, bicubic) -> CenterCrop(n_px) -> RGB ->
-ToTensor -> Normalize. Resize and crop must happen per image; ToTensor and Normalize
-are a batched multiply-add, done later on the device (:mod:`clipbatch.encode`). Resize
-and crop here call the same torchvision functions on the same PIL image, so the
-result is bit-identical to the reference ("exact" mode).
+A model's reference transform is resize -> (pad) -> crop -> RGB -> ToTensor -> Normalize;
+for OpenAI CLIP Resize(n_px, bicubic) -> CenterCrop(n_px), for other families what their
+own preprocessing says (:class:`clipbatch.preprocess.ImagePreprocess`, carried in
+:class:`DecodeOptions`). Resize and crop must happen per image; ToTensor and Normalize
+are a batched multiply-add, done later on the device (:mod:`clipbatch.encode`). In
+"exact" mode resize and crop call the same functions on the same image as the family's
+reference, so the pixels are identical to it.
 
 Every failure becomes a row status: nothing here raises for bad data. The format is
 sniffed from the bytes, never taken from the file name, so a PNG named ``.webp`` simply
@@ -22,7 +24,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from clipbatch.preprocess import decode_jpegs_on_device, plain_jpeg, resize_crop
+from clipbatch.preprocess import ImagePreprocess, decode_jpegs_on_device, plain_jpeg, resize_crop
 from clipbatch.records import DECODE_ERROR, MISSING_IMAGE, OK, TOO_LARGE, PreparedSample, RawSample
 
 log = logging.getLogger(__name__)
@@ -38,11 +40,18 @@ class DecodeOptions:
     n_px: int
     mode: str = "exact"  # exact | fast | gpu
     max_pixels: int = 89_478_485
+    # The model family's preprocessing; None is OpenAI CLIP's at n_px.
+    geometry: ImagePreprocess | None = None
 
     @property
     def cpu(self) -> DecodeOptions:
         """The options for decoding on the CPU: ``gpu`` mode falls back to ``fast``."""
         return replace(self, mode="fast") if self.mode == "gpu" else self
+
+    @property
+    def image(self) -> ImagePreprocess:
+        """The preprocessing in effect."""
+        return self.geometry or ImagePreprocess.clip(self.n_px)
 
 
 def prepare(raw: RawSample, opts: DecodeOptions) -> PreparedSample:
@@ -115,7 +124,7 @@ def finish_on_device(rows: list[PreparedSample], opts: DecodeOptions, device: st
             errors[index] = e
             return None
 
-    decoded = decode_jpegs_on_device(datas, opts.n_px, device, on_cpu)
+    decoded = decode_jpegs_on_device(datas, opts.n_px, device, on_cpu, opts.geometry)
     for i, (row, pixels) in enumerate(zip(todo, decoded, strict=True)):
         data, row.deferred_jpeg = row.deferred_jpeg, None
         if pixels is None:
@@ -140,14 +149,16 @@ def decode_to_pixels(data: bytes, opts: DecodeOptions) -> tuple[np.ndarray, int,
             # 1.5 x n_px (2 x below 128 px, where the tiny ResNet tower measured a cosine of
             # 0.9998 at 1.5 x): embeddings stay within a cosine of 0.9999 of the reference
             # (tests/test_hot_path.py, bench/RESULTS.md).
-            floor = 2 * opts.n_px if opts.n_px < 128 else 3 * opts.n_px // 2
+            # For other families the floor is taken from the largest output side.
+            n_px = opts.image.n_px
+            floor = 2 * n_px if n_px < 128 else 3 * n_px // 2
             img.draft("RGB", (max(floor, width // 4), max(floor, height // 4)))
         img.load()
         oriented = ImageOps.exif_transpose(img)
         if oriented is not None and oriented.size != img.size:
             width, height = height, width  # rotated by 90; draft may have shrunk img.size
         rgb = to_rgb(oriented if oriented is not None else img)
-    return resize_crop(rgb, opts.n_px, opts.mode), width, height
+    return resize_crop(rgb, opts.n_px, opts.mode, opts.geometry), width, height
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

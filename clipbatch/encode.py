@@ -1,11 +1,14 @@
-"""Batched CLIP encoding: images from uint8 batches, captions from tokens.
+"""Batched encoding for every model family: images from uint8 batches, captions from tokens.
 
 - Images arrive as uint8 NxHxWx3 (resized and cropped per image). ToTensor and
-  Normalize happen here, batched, on the device.
-- Text is encoded only up to the longest caption in the batch. CLIP's text tower is
-  causal and reads the feature at the end-of-text token, so padding after it cannot
-  change the result; trimming gives identical embeddings at a fraction of the
-  77-token cost (design.md §8; proven in tests/test_encode.py).
+  Normalize happen here, batched, on the device, with the model's own mean and std.
+- Text is tokenised by the model's own tokenizer, truncated to the caption limit in
+  effect (``max_caption_tokens``, default and at most the family's context length).
+  Where it is proven exact for the family, text is encoded only up to the longest caption
+  in the batch: OpenAI's and open_clip's CLIP text towers are causal and read the feature
+  at the end-of-text token, so padding after it cannot change the result (design.md §8;
+  proven in tests/test_encode.py and tests/test_models_*.py). Other towers (SigLIP)
+  encode the full padded context.
 - A CUDA out-of-memory halves the batch and retries it (design.md §5).
 """
 
@@ -14,17 +17,29 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from clipbatch.faults import before_forward
 from clipbatch.model import LoadedModel
+from clipbatch.models.base import TokenBatch, Tokens, repeat_rows
+from clipbatch.models.openai import encode_text_trimmed
+from clipbatch.preprocess import CLIP_MEAN, CLIP_STD
 
 log = logging.getLogger(__name__)
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "ClipEncoder",
+    "TokenBatch",
+    "encode_text_trimmed",
+    "is_oom",
+    "l2_normalize",
+    "probe_batch_size",
+]
 
 
 AUTO_START = 256  # a batch every supported GPU fits with ViT-B/32 and ViT-L/14
@@ -62,28 +77,42 @@ def probe_batch_size(fits: Callable[[int], None], start: int, limit: int) -> int
 
 
 class ClipEncoder:
-    """Encodes image and caption batches with one loaded model."""
+    """Encodes image and caption batches with one loaded model, through its family's backend.
 
-    def __init__(self, loaded: LoadedModel, batch_size: int, context_tokens: int = 77) -> None:
+    ``context_tokens`` is the caption limit (``max_caption_tokens``): None is the family's
+    context length, and a larger value is clamped to it. The value in effect is
+    ``self.context_tokens``.
+    """
+
+    def __init__(
+        self, loaded: LoadedModel, batch_size: int, context_tokens: int | None = None
+    ) -> None:
         self.loaded = loaded
+        self.backend = loaded.backend
         self.model = loaded.model
         self.device = torch.device(loaded.device)
         self.batch_size = batch_size
-        self.context_tokens = min(context_tokens, loaded.context_length)
-        self._mean = torch.tensor(CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(CLIP_STD, device=self.device).view(1, 3, 1, 1)
+        context = self.backend.context_length
+        self.context_tokens = min(context_tokens, context) if context_tokens else context
+        image = self.backend.image
+        self._mean = torch.tensor(image.mean, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(image.std, device=self.device).view(1, 3, 1, 1)
         self._autocast = loaded.dtype == torch.bfloat16
         self._pin = self.device.type == "cuda"
-        from clip.simple_tokenizer import SimpleTokenizer
-
-        self._tokenizer = SimpleTokenizer()
-        self._sot = self._tokenizer.encoder["<|startoftext|>"]
-        self._eot = self._tokenizer.encoder["<|endoftext|>"]
 
     @property
     def pins_memory(self) -> bool:
         """Whether host batches should be pinned for asynchronous copies (CUDA only)."""
         return self._pin
+
+    def text_metadata(self) -> dict[str, Any]:
+        """The text side in effect, for file metadata."""
+        return {
+            "tokenizer": self.backend.tokenizer_name,
+            "context_length": self.backend.context_length,
+            "max_caption_tokens": self.context_tokens,
+            "padding": self.backend.text_padding,
+        }
 
     # -- images ----------------------------------------------------------------
     def pixels_to_input(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -109,35 +138,21 @@ class ClipEncoder:
         if len(pixels) == 0:
             return np.zeros((0, self.loaded.embed_dim), np.float32)
         return self._with_oom_backoff(
-            pixels, lambda chunk: self.model.encode_image(self.pixels_to_input(chunk))
+            pixels, lambda chunk: self.backend.encode_image(self.pixels_to_input(chunk))
         )
 
     # -- text ------------------------------------------------------------------
-    def tokenize(self, captions: Sequence[str]) -> tuple[torch.Tensor, list[bool]]:
-        """Tokens padded to the longest caption (<= context), and which were truncated."""
-        ctx = self.context_tokens
-        rows, truncated = [], []
-        for text in captions:
-            ids = [self._sot, *self._tokenizer.encode(text), self._eot]
-            if len(ids) > ctx:
-                ids = ids[:ctx]
-                ids[-1] = self._eot
-                truncated.append(True)
-            else:
-                truncated.append(False)
-            rows.append(ids)
-        width = max((len(r) for r in rows), default=2)
-        tokens = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, ids in enumerate(rows):
-            tokens[i, : len(ids)] = torch.tensor(ids)
-        return tokens, truncated
+    def tokenize(self, captions: Sequence[str]) -> tuple[Tokens, list[bool]]:
+        """The family's tokens (padded to the longest caption where trimming is exact, else to
+        the context), and which captions were truncated to ``context_tokens``."""
+        return self.backend.tokenize(captions, self.context_tokens)
 
     def encode_texts(self, captions: Sequence[str]) -> tuple[np.ndarray, list[bool]]:
         """Unnormalised float32 text embeddings, and truncation flags."""
         tokens, truncated = self.tokenize(captions)
         return self.encode_tokens(tokens), truncated
 
-    def encode_tokens(self, tokens: torch.Tensor) -> np.ndarray:
+    def encode_tokens(self, tokens: Tokens) -> np.ndarray:
         """Unnormalised float32 text embeddings for tokens from :meth:`tokenize`.
 
         The pipeline tokenises on its worker pool, off the encode thread, and calls this.
@@ -148,7 +163,7 @@ class ClipEncoder:
             tokens = tokens.pin_memory()
         return self._with_oom_backoff(
             tokens,
-            lambda chunk: encode_text_trimmed(self.model, chunk.to(self.device, non_blocking=True)),
+            lambda chunk: self.backend.encode_text(chunk.to(self.device, non_blocking=True)),
         )
 
     # -- batch size --------------------------------------------------------------
@@ -157,22 +172,21 @@ class ClipEncoder:
 
         On the CPU nothing runs out of memory in a useful way, and a bigger batch is not
         faster, so the safe start is kept. On CUDA each candidate runs a full image and
-        77-token text forward pass; the OOM back-off still guards every later batch.
+        a full-context text forward pass; the OOM back-off still guards every later batch.
         """
         if self.device.type != "cuda":
             self.batch_size = start
             return start
-        n_px = self.loaded.input_resolution
-        ctx = self.context_tokens
+        height, width = self.backend.image.size
+        longest, _ = self.tokenize(["a " * (2 * self.context_tokens)])
 
         def fits(size: int) -> None:
-            pixels = torch.zeros(size, n_px, n_px, 3, dtype=torch.uint8, device=self.device)
-            tokens = torch.zeros(size, ctx, dtype=torch.long, device=self.device)
-            tokens[:, -1] = self._eot
+            pixels = torch.zeros(size, height, width, 3, dtype=torch.uint8, device=self.device)
+            tokens = repeat_rows(longest, size).to(self.device)
             try:
                 with self._inference():
-                    self.model.encode_image(self._normalise(pixels))
-                    encode_text_trimmed(self.model, tokens)
+                    self.backend.encode_image(self._normalise(pixels))
+                    self.backend.encode_text(tokens)
                 torch.cuda.synchronize(self.device)
             finally:
                 del pixels, tokens
@@ -215,33 +229,6 @@ class ClipEncoder:
         if self._autocast:
             stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
         return stack
-
-
-def encode_text_trimmed(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """``model.encode_text`` for tokens of any length <= context, without padding to 77.
-
-    Slices the positional embedding and the causal mask to the batch's length. Each
-    residual block is run by hand with the sliced mask instead of mutating the
-    block's stored 77x77 mask, so this is safe to call from several threads.
-    """
-    length = tokens.shape[1]
-    dtype = model.dtype
-    x = model.token_embedding(tokens).type(dtype)
-    x = x + model.positional_embedding[:length].type(dtype)
-    x = x.permute(1, 0, 2)  # NLD -> LND
-    for block in model.transformer.resblocks:
-        mask = block.attn_mask
-        if mask is not None:
-            mask = mask[:length, :length].to(dtype=x.dtype, device=x.device)
-        h = block.ln_1(x)
-        x = x + block.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
-        x = x + block.mlp(block.ln_2(x))
-    x = x.permute(1, 0, 2)
-    x = model.ln_final(x).type(dtype)
-    # The end-of-text token has the largest id, so argmax finds its position.
-    return (
-        x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)] @ model.text_projection
-    )
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

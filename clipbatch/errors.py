@@ -43,6 +43,23 @@ class TooManyErrorsError(ClipbatchError):
         )
 
 
+class ShardTaskError(ClipbatchError):
+    """A task run over a group of shards stopped or failed; carries the shards' results.
+
+    ``transient``: it stopped at a transient error (retried; the retry skips the shards
+    already committed). Otherwise some shards failed for good and the rest are done.
+    Survives pickling (Dask, Ray), results and flag included.
+    """
+
+    def __init__(self, message: str, results: list, transient: bool) -> None:
+        super().__init__(message)
+        self.results = list(results)
+        self.transient = transient
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (str(self), self.results, self.transient))
+
+
 class ChecksumMismatchError(ConfigError):
     """A checkpoint's sha256 differs from the one the user asked for."""
 
@@ -109,6 +126,8 @@ def is_transient(exc: BaseException | None) -> bool:
         seen.add(id(exc))
         if isinstance(exc, TransientIOError):
             return True
+        if isinstance(exc, ShardTaskError):
+            return exc.transient
         if isinstance(exc, ConfigError | TooManyErrorsError | ShardVerificationError):
             return False
         if isinstance(exc, socket.timeout | TimeoutError | ConnectionError):

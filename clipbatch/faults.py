@@ -26,8 +26,10 @@ CRASH_POINTS = (
     "before_staging",  # local file complete, nothing uploaded yet
     "after_staging",  # staged file uploaded and verified, not moved
     "mid_move",  # final key written, staged copy not yet deleted (object stores)
-    "before_manifest",  # shard committed, manifest not updated
+    "before_index",  # shard committed, its commit record not written yet
 )
+# Names from before the commit index, still accepted by drills and scripts.
+CRASH_ALIASES = {"before_manifest": "before_index"}
 
 
 def crash_point(point: str, shard: str) -> None:
@@ -36,6 +38,7 @@ def crash_point(point: str, shard: str) -> None:
     if not spec:
         return
     want, _, want_shard = spec.partition(":")
+    want = CRASH_ALIASES.get(want, want)
     if want not in CRASH_POINTS:
         raise ValueError(f"{CRASH_ENV}={spec!r}: point must be one of {CRASH_POINTS}")
     if want == point and (not want_shard or want_shard == shard):

@@ -1,4 +1,31 @@
-"""Shard fingerprints (design.md §4): what must match for a committed shard to be reused."""
+"""Shard fingerprints (design.md §4): exactly what decides a shard's output, and no more.
+
+A committed shard is reused when its file carries the fingerprint the plan computes now.
+The fingerprint hashes what changes the table's values or schema:
+
+- the source shard: URI, version, members (folder slices), row range (table slices), and
+  the img2dataset sidecar's URI and version (its columns pass through);
+- the model: the checkpoint's sha256, and for families other than OpenAI's, the identity
+  that defines architecture and preprocessing (family, architecture, tag, config hash);
+- the output options: storage dtype, normalisation, the caption token limit in effect,
+  the preprocessing mode, the pixel limit, and the **compute precision** in effect (fp16,
+  bf16 and fp32 give different vectors; a table never mixes them silently);
+- the reader options that decide which bytes form a row: image extensions, caption
+  extension or JSON field, table columns, the image base URL, the fetch size limit;
+- the table schema version.
+
+Left out, because they change neither a value nor the schema of any row: the source kind
+(detected or explicit: it only picks the reader), fetch concurrency, timeouts and
+retries (they decide only whether a transient failure happens, not what a success
+holds), task retries, batch size, workers, devices and task runner, ``max_error_ratio``
+(a shard over it is still written), and ``row_group_size`` (file layout, not content).
+``folder_shard_size`` and ``table_shard_rows`` are covered by the members and row range.
+
+**Formula versions.** Formula 1 (before the commit index) also hashed every source option,
+fetch settings and kind included, and no precision. A file carrying a formula-1
+fingerprint of the same inputs is still recognised (:func:`accepted_fingerprints`), so an
+upgrade never re-encodes a finished table.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +33,95 @@ import hashlib
 import json
 from typing import Any
 
-from clipbatch.config import EmbedConfig
+from clipbatch.config import EmbedConfig, RuntimeConfig
 from clipbatch.records import ShardSpec
 from clipbatch.table import SCHEMA_VERSION
 
+FORMULA = 2
+OPENAI_CONTEXT = 77  # formula 1 only ever ran OpenAI-format models
 
-def output_options(config: EmbedConfig) -> dict[str, Any]:
-    """Everything besides source and model that changes the bytes we write."""
+# Source options that decide which bytes form a row (formula 2).
+READER_OPTIONS = (
+    "image_exts",
+    "caption_ext",
+    "caption_json_field",
+    "image_column",
+    "caption_column",
+    "key_column",
+    "image_base_url",
+    "fetch_max_bytes",
+)
+# Every SourceConfig field formula 1 hashed, frozen: fields added later must not change it.
+FORMULA1_SOURCE_FIELDS = (
+    "kind",
+    "image_exts",
+    "caption_ext",
+    "caption_json_field",
+    "image_column",
+    "caption_column",
+    "key_column",
+    "image_base_url",
+    "folder_shard_size",
+    "table_shard_rows",
+    "fetch_timeout_s",
+    "fetch_retries",
+    "fetch_concurrency",
+    "fetch_max_bytes",
+)
+
+
+def effective_precision(runtime: RuntimeConfig, cuda_here: bool) -> str:
+    """The compute precision the shard tasks will use: fp16, bf16 or fp32.
+
+    'auto' is fp16 on CUDA and fp32 elsewhere. The device is the one tasks run on: named
+    devices decide it; ``device: auto`` means CUDA when this host has it, or, with a
+    Dask/Ray cluster, when shards claim GPUs (``gpus_per_shard``). The plan pins the result
+    into the config the tasks get, so what is fingerprinted is what runs.
+    """
+    if runtime.precision != "auto":
+        return runtime.precision
+    devices = list(runtime.devices) or [runtime.device]
+    if any(d == "all" or d.startswith("cuda") for d in devices):
+        return "fp16"
+    if all(d in ("cpu", "mps") for d in devices):
+        return "fp32"
+    remote = runtime.task_runner not in (None, "", "threads")
+    if remote and runtime.gpus_per_shard > 0:
+        return "fp16"
+    return "fp16" if cuda_here else "fp32"
+
+
+def caption_tokens(config: EmbedConfig, context_length: int | None) -> int:
+    """The caption token limit in effect: the configured one, clamped to the model's context."""
+    configured = config.model.max_caption_tokens
+    context = context_length or OPENAI_CONTEXT
+    return min(configured, context) if configured else context
+
+
+def output_options(
+    config: EmbedConfig, precision: str | None = None, context_length: int | None = None
+) -> dict[str, Any]:
+    """The file metadata's ``options``: what the fingerprint hashes, plus every source
+    option (``source_options``), which ``clipbatch lineage`` needs to list a folder
+    source's slices again."""
+    return {
+        **fingerprint_options(config, precision, context_length),
+        "source_options": config.source.model_dump(exclude={"url", "storage"}, mode="json"),
+    }
+
+
+def fingerprint_options(
+    config: EmbedConfig, precision: str | None = None, context_length: int | None = None
+) -> dict[str, Any]:
+    """Everything besides source shard and model that changes the table (formula 2)."""
     return {
         "dtype": config.sink.dtype,
         "normalize": config.sink.normalize,
-        "max_caption_tokens": config.model.max_caption_tokens,
+        "caption_tokens": caption_tokens(config, context_length),
         "preprocess": config.runtime.preprocess,
         "max_image_pixels": config.runtime.max_image_pixels,
-        "source_options": config.source.model_dump(exclude={"url", "storage"}, mode="json"),
+        "precision": precision or config.runtime.precision,
+        "reader": {k: _json(getattr(config.source, k)) for k in READER_OPTIONS},
     }
 
 
@@ -27,24 +129,92 @@ def shard_fingerprint(
     shard: ShardSpec,
     config: EmbedConfig,
     model_sha256: str,
-    sidecar_version: str | None = None,
+    precision: str,
+    model_identity: dict[str, Any] | None = None,
+    context_length: int | None = None,
 ) -> str:
-    """Hash of everything that decides a shard's output bytes (design.md §4).
+    """Formula 2: the hash of what decides a shard's output (see the module docstring)."""
+    payload = {
+        "formula": FORMULA,
+        "source": _source_part(shard),
+        "model": {
+            "sha256": model_sha256,
+            **({"identity": model_identity} if model_identity else {}),
+        },
+        "options": fingerprint_options(config, precision, context_length),
+        "schema_version": SCHEMA_VERSION,
+    }
+    return _digest(payload)
 
-    ``sidecar_version`` is the version of a webdataset shard's img2dataset
-    ``.parquet``: its columns pass through into our rows, so a re-crawled sidecar
-    next to an unchanged tar must redo the shard too.
+
+def formula1_fingerprint(
+    shard: ShardSpec, config: EmbedConfig, model_sha256: str, kind: str | None = None
+) -> str:
+    """Formula 1, exactly as clipbatch wrote it before the commit index.
+
+    ``kind`` replaces ``source.kind`` (formula 1 hashed it: 'auto', or what the user named).
     """
+    source_options = {k: _json(getattr(config.source, k)) for k in FORMULA1_SOURCE_FIELDS}
+    if kind is not None:
+        source_options["kind"] = kind
+    tokens = config.model.max_caption_tokens or OPENAI_CONTEXT
     payload = {
         "source_uri": shard.uri,
         "source_version": shard.version,
         "members": list(shard.members),
         "sidecar": shard.sidecar_uri,
-        "sidecar_version": sidecar_version,
+        "sidecar_version": shard.sidecar_version,
         "row_range": list(shard.row_range) if shard.row_range else None,
         "model_sha256": model_sha256,
-        "options": output_options(config),
-        "schema_version": SCHEMA_VERSION,
+        "options": {
+            "dtype": config.sink.dtype,
+            "normalize": config.sink.normalize,
+            "max_caption_tokens": tokens,
+            "preprocess": config.runtime.preprocess,
+            "max_image_pixels": config.runtime.max_image_pixels,
+            "source_options": source_options,
+        },
+        "schema_version": 1,
     }
+    return _digest(payload)
+
+
+def accepted_fingerprints(
+    shard: ShardSpec,
+    config: EmbedConfig,
+    current: str,
+    model_sha256: str,
+    model_identity: dict[str, Any] | None,
+    detected_kind: str,
+) -> set[str]:
+    """The fingerprints a committed file may carry to be reused: the current formula's,
+    and formula 1's from the same inputs (OpenAI-format models only: formula 1 knew no
+    other family), with the kind as it was given ('auto') or as detected."""
+    accepted = {current}
+    if model_identity is None:
+        accepted.add(formula1_fingerprint(shard, config, model_sha256))
+        if config.source.kind != detected_kind:
+            accepted.add(formula1_fingerprint(shard, config, model_sha256, detected_kind))
+        if config.source.kind != "auto":
+            accepted.add(formula1_fingerprint(shard, config, model_sha256, "auto"))
+    return accepted
+
+
+def _source_part(shard: ShardSpec) -> dict[str, Any]:
+    return {
+        "uri": shard.uri,
+        "version": shard.version,
+        "members": list(shard.members),
+        "sidecar": shard.sidecar_uri,
+        "sidecar_version": shard.sidecar_version,
+        "row_range": list(shard.row_range) if shard.row_range else None,
+    }
+
+
+def _json(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _digest(payload: dict[str, Any]) -> str:
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()

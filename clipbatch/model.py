@@ -1,18 +1,19 @@
-"""Model loading: by clip name, local checkpoint, object-store URI, or the built-in 'tiny'.
+"""Model loading for every family: OpenAI clip, open_clip and transformers.
 
-The preprocessing comes from the model itself (``clip.load`` returns it), so it never
-drifts from the model. Models are cached per process: a worker that encodes many
-shards loads its model once.
+:func:`resolve_checkpoint` turns a model name (grammar: :mod:`clipbatch.models.names`)
+into a :class:`ResolvedCheckpoint`: the files on local disk (fetched from the hub or
+object storage when needed), their sha256, and the identity that fingerprints and
+lineage record. :func:`load_model` loads it once per process with its family's backend
+(:mod:`clipbatch.models`). The preprocessing comes from the model itself, so it never
+drifts from the model.
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import logging
-import os
 import threading
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,161 +21,59 @@ import torch
 
 from clipbatch.config import ModelConfig
 from clipbatch.errors import ChecksumMismatchError, ConfigError
-from clipbatch.storage import get_fs, is_local, protocol_of, with_retries
+from clipbatch.models import files
+from clipbatch.models.base import ModelBackend, ResolvedCheckpoint
+from clipbatch.models.files import cache_dir, cached_sha256, file_sha256
+from clipbatch.models.names import parse_model_name
+from clipbatch.models.openai import (
+    ASSETS,
+    TINY_ARCH,
+    TINY_CHECKPOINT,
+    OpenAIBackend,
+)
+from clipbatch.models.registry import family_module
+from clipbatch.preprocess import ImagePreprocess
 
 log = logging.getLogger(__name__)
 
 TINY_MODEL_NAME = "tiny"
-ASSETS = Path(__file__).parent / "assets"
-TINY_CHECKPOINT = ASSETS / "tiny-clip.pt"
-# The built-in model's shape: OpenAI's CLIP with a small ModifiedResNet image tower
-# (one bottleneck block per stage, width 16, 64 px input; attention-pooling heads
-# width * 32 // 64 = 8) and a small text transformer (heads = width // 64 = 1), exactly as
-# clip.model.build_model infers them from a state dict. At this size a CNN learns the
-# synthetic scenes faster than a ViT on the CPU (measured: held-out recall@1 0.85 vs
-# 0.69 for a 4-layer ViT, same steps). The vocabulary and context are clip's tokenizer's;
-# the token table (49408 x transformer_width) dominates the file, so the text width stays
-# 64. clipbatch/training/train_tiny.py trains this shape into assets/tiny-clip.pt; without
-# that file, 'tiny' falls back to a seeded random CLIP of the same shape.
-TINY_ARCH: dict[str, Any] = dict(
-    embed_dim=64,
-    image_resolution=64,
-    vision_layers=(1, 1, 1, 1),
-    vision_width=16,
-    vision_patch_size=None,  # unused by the ResNet tower
-    context_length=77,
-    vocab_size=49408,
-    transformer_width=64,
-    transformer_heads=1,
-    transformer_layers=3,
-)
 
-
-def cache_dir() -> Path:
-    root = os.environ.get("CLIPBATCH_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "clipbatch"
-    )
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-_sha_cache: dict[tuple[str, int, float], str] = {}
-
-
-def cached_sha256(path: str | Path) -> str:
-    st = os.stat(path)
-    key = (str(path), st.st_size, st.st_mtime)
-    if key not in _sha_cache:
-        _sha_cache[key] = file_sha256(path)
-    return _sha_cache[key]
-
-
-@dataclass(frozen=True)
-class ResolvedCheckpoint:
-    """What ``clip.load`` is given, and the checkpoint's sha256."""
-
-    load_arg: str  # a clip model name or a local file path
-    sha256: str
-    display_name: str
-    is_builtin: bool = False
-    trained: bool = True
+__all__ = [
+    "ASSETS",
+    "TINY_ARCH",
+    "TINY_CHECKPOINT",
+    "TINY_MODEL_NAME",
+    "LoadedModel",
+    "ResolvedCheckpoint",
+    "cache_dir",
+    "cached_sha256",
+    "fetch_remote_checkpoint",
+    "file_sha256",
+    "load_model",
+    "resolve_checkpoint",
+    "resolve_device",
+    "resolve_precision",
+]
 
 
 def resolve_checkpoint(cfg: ModelConfig) -> ResolvedCheckpoint:
-    """Find (and fetch, for object stores) the checkpoint, and its sha256.
+    """Find (and fetch, for hubs and object stores) the checkpoint, and its sha256.
 
-    Raises :class:`ConfigError` for unknown names and :class:`ChecksumMismatchError`
-    when the user's expected sha256 differs.
+    Raises :class:`ConfigError` for unknown or malformed names and missing extras, and
+    :class:`ChecksumMismatchError` when the user's expected sha256 differs.
     """
-    import clip
-
-    name = cfg.name
-    if name == TINY_MODEL_NAME:
-        resolved = _resolve_tiny()
-    elif name in clip.available_models():
-        # clip downloads into ~/.cache/clip and verifies this sha256 itself; the hash is
-        # part of the download URL, so we know it without reading 350+ MB.
-        sha = clip.clip._MODELS[name].split("/")[-2]
-        resolved = ResolvedCheckpoint(load_arg=name, sha256=sha, display_name=name)
-    elif is_local(name):
-        path = name[len("file://") :] if name.startswith("file://") else name
-        if not os.path.isfile(path):
-            raise ConfigError(
-                f"model {name!r} is neither a clip model name ({', '.join(clip.available_models())}, "
-                f"{TINY_MODEL_NAME}) nor an existing checkpoint file"
-            )
-        resolved = ResolvedCheckpoint(load_arg=path, sha256=cached_sha256(path), display_name=name)
-    else:
-        path = fetch_remote_checkpoint(name, cfg)
-        resolved = ResolvedCheckpoint(
-            load_arg=str(path), sha256=cached_sha256(path), display_name=name
-        )
+    name = parse_model_name(cfg.name)
+    resolved = family_module(name.family).resolve(name, cfg)
     if cfg.checkpoint_sha256 and cfg.checkpoint_sha256 != resolved.sha256:
         raise ChecksumMismatchError(
-            f"checkpoint {name!r} has sha256 {resolved.sha256}, expected {cfg.checkpoint_sha256}"
+            f"checkpoint {cfg.name!r} has sha256 {resolved.sha256}, expected {cfg.checkpoint_sha256}"
         )
     return resolved
 
 
-def _resolve_tiny() -> ResolvedCheckpoint:
-    if TINY_CHECKPOINT.is_file():
-        return ResolvedCheckpoint(
-            load_arg=str(TINY_CHECKPOINT),
-            sha256=cached_sha256(TINY_CHECKPOINT),
-            display_name=TINY_MODEL_NAME,
-            is_builtin=True,
-            trained=True,
-        )
-    # Named by the architecture, so a cached file from an older TINY_ARCH is never reused.
-    arch_id = hashlib.sha256(repr(sorted(TINY_ARCH.items())).encode()).hexdigest()[:12]
-    path = cache_dir() / f"tiny-random-clip-{arch_id}.pt"
-    if not path.is_file():
-        import clip.model
-
-        torch.manual_seed(0)
-        model = clip.model.CLIP(**TINY_ARCH)
-        clip.model.convert_weights(model)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, path)
-        log.info("created a randomly initialised tiny CLIP at %s", path)
-    return ResolvedCheckpoint(
-        load_arg=str(path),
-        sha256=cached_sha256(path),
-        display_name=TINY_MODEL_NAME,
-        is_builtin=True,
-        trained=False,
-    )
-
-
 def fetch_remote_checkpoint(uri: str, cfg: ModelConfig) -> Path:
     """Download an object-store checkpoint once into the local cache, keyed by its version."""
-    from clipbatch.storage import object_version
-
-    fs, path = get_fs(uri, cfg.storage)
-    try:
-        version = object_version(fs, path)
-    except FileNotFoundError as e:
-        raise ConfigError(f"checkpoint {uri!r} does not exist") from e
-    digest = hashlib.sha256(f"{uri}|{version}".encode()).hexdigest()[:24]
-    target = cache_dir() / "checkpoints" / f"{digest}-{Path(path).name}"
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(f".{os.getpid()}.part")
-    with_retries(lambda: fs.get_file(path, str(tmp)), f"download {uri}")
-    os.replace(tmp, target)
-    log.info("fetched checkpoint %s (%s) into %s", uri, protocol_of(uri), target)
-    return target
+    return files.fetch_remote_checkpoint(uri, cfg.storage)
 
 
 def resolve_device(device: str) -> str:
@@ -195,26 +94,47 @@ def resolve_precision(precision: str, device: str) -> torch.dtype:
 
 @dataclass
 class LoadedModel:
+    """A loaded model, its family's backend, and where it runs.
+
+    ``backend`` may be left out for an OpenAI-format ``clip.model.CLIP`` (tests wrap
+    one): it is then built from ``model`` and ``preprocess``.
+    """
+
     model: torch.nn.Module
-    preprocess: Any  # the model's own torchvision transform (the reference)
+    preprocess: Any  # the family's own image transform (the reference)
     checkpoint: ResolvedCheckpoint
     device: str
     dtype: torch.dtype
+    backend: ModelBackend = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.backend is None:
+            self.backend = OpenAIBackend(self.model, self.preprocess)
+
+    @property
+    def family(self) -> str:
+        return self.backend.family
+
+    @property
+    def image_preprocess(self) -> ImagePreprocess:
+        """The family's image preprocessing, as data (size, resize, crop, mean, std)."""
+        return self.backend.image
 
     @property
     def input_resolution(self) -> int:
-        return int(self.model.visual.input_resolution)
+        """The model's input side (the larger one for a non-square input)."""
+        return self.backend.image.n_px
 
     @property
     def embed_dim(self) -> int:
-        return int(self.model.text_projection.shape[1])
+        return self.backend.embed_dim
 
     @property
     def context_length(self) -> int:
-        return int(self.model.context_length)
+        return self.backend.context_length
 
 
-_models: dict[tuple[str, str, str], LoadedModel] = {}
+_models: dict[tuple[str, str, str, str], LoadedModel] = {}
 _models_lock = threading.Lock()
 load_count = 0  # models actually loaded in this process (tests assert once-per-worker)
 
@@ -225,36 +145,43 @@ def load_model(cfg: ModelConfig, device: str = "auto", precision: str = "auto") 
     checkpoint = resolve_checkpoint(cfg)
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
-    key = (checkpoint.sha256, dev, str(dtype))
+    identity = repr(checkpoint.fingerprint_identity())
+    key = (checkpoint.sha256, identity, dev, str(dtype))
     with _models_lock:
         if key in _models:
-            return _models[key]
-        import clip
-
-        try:
-            with warnings.catch_warnings():
-                # clip.load probes for a TorchScript archive first; torch warns about that.
-                warnings.simplefilter("ignore", FutureWarning)
-                model, preprocess = clip.load(checkpoint.load_arg, device=dev, jit=False)
-        except RuntimeError as e:
-            if "not found" in str(e):
-                raise ConfigError(str(e)) from e
-            raise
-        if dtype != torch.float16:
-            # fp32 weights; bf16 runs under autocast in the encoder. fp16 keeps clip's own
-            # mixed layout (fp16 linear/conv, fp32 LayerNorm), as clip.load makes it on CUDA.
-            model = model.float()
-        model = model.eval()
-        loaded = LoadedModel(
-            model=model, preprocess=preprocess, checkpoint=checkpoint, device=dev, dtype=dtype
-        )
+            cached = _models[key]
+            # The same model under another name (a copy in object storage, openai:...): the
+            # loaded weights are shared, the name and location are this call's.
+            if cached.checkpoint != checkpoint:
+                return dataclasses.replace(cached, checkpoint=checkpoint)
+            return cached
+        loaded = _load(checkpoint, dev, dtype)
         _models[key] = loaded
         load_count += 1
         log.info(
-            "loaded %s (sha256 %s…) on %s as %s",
+            "loaded %s (%s, sha256 %s…) on %s as %s",
             checkpoint.display_name,
+            checkpoint.family,
             checkpoint.sha256[:12],
             dev,
             dtype,
         )
         return loaded
+
+
+def _load(checkpoint: ResolvedCheckpoint, device: str, dtype: torch.dtype) -> LoadedModel:
+    module = family_module(checkpoint.family)
+    if checkpoint.family == "openai":
+        model, preprocess = module.load(checkpoint, device, dtype)
+        backend: ModelBackend = OpenAIBackend(model, preprocess)
+    else:
+        backend = module.load(checkpoint, device, dtype)
+        model, preprocess = backend.model, backend.reference_preprocess
+    return LoadedModel(
+        model=model,
+        preprocess=preprocess,
+        checkpoint=checkpoint,
+        device=device,
+        dtype=dtype,
+        backend=backend,
+    )

@@ -24,12 +24,12 @@ import torch
 from clipbatch import __version__
 from clipbatch.config import EmbedConfig
 from clipbatch.decode import DecodeOptions, finish_on_device, prepare
-from clipbatch.encode import CLIP_MEAN, CLIP_STD, ClipEncoder, is_oom, l2_normalize
+from clipbatch.encode import ClipEncoder, is_oom, l2_normalize
 from clipbatch.errors import TooManyErrorsError
 from clipbatch.fingerprint import output_options
 from clipbatch.logutil import SkipLogger
 from clipbatch.model import LoadedModel
-from clipbatch.preprocess import gpu_decode_available
+from clipbatch.preprocess import ImagePreprocess, gpu_decode_available
 from clipbatch.records import (
     ENCODE_ERROR,
     OK,
@@ -135,6 +135,7 @@ def process_shard(shard: ShardSpec, ctx: ShardContext, fingerprint: str) -> Shar
         n_px=ctx.loaded.input_resolution,
         mode=cfg.runtime.preprocess,
         max_pixels=cfg.runtime.max_image_pixels,
+        geometry=ctx.loaded.image_preprocess,
     )
     writer = ShardWriter(
         cfg.sink,
@@ -183,7 +184,7 @@ def process_shard(shard: ShardSpec, ctx: ShardContext, fingerprint: str) -> Shar
             w.result()
         t0 = time.perf_counter()
         meta = file_metadata(shard, ctx)
-        final_uri, sha = writer.close_and_commit(meta, fingerprint)
+        final_uri, sha, version = writer.close_and_commit(meta, fingerprint)
         timings.write += time.perf_counter() - t0
     except BaseException:
         stop.set()
@@ -211,6 +212,7 @@ def process_shard(shard: ShardSpec, ctx: ShardContext, fingerprint: str) -> Shar
         source_uri=shard.uri,
         source_version=shard.version,
         sha256=sha,
+        file_version=version,
     )
     failed = result.failed_rows
     if result.rows and failed / result.rows > cfg.runtime.max_error_ratio:
@@ -351,16 +353,36 @@ def _timed_write(
 
 
 RESIZE_NOTES = {
-    "exact": " (PIL, as the model's own transform)",
+    "exact": " (as the model family's own transform: {resampler})",
     "fast": " (torch uint8, antialiased; JPEG draft decoding at 1/2 or 1/4, >= 1.5x that size)",
     "gpu": " (plain JPEGs decoded batched on the model's device, antialiased resize there, "
     "float32 on CUDA; other images as 'fast' on the CPU)",
 }
+_RESAMPLERS = {"pil": "PIL", "torch": "torch uint8, antialiased"}
+
+
+def describe_resize(image: ImagePreprocess, mode: str) -> str:
+    """The resize step in words, e.g. 'shortest side to 224, bicubic (PIL, ...)'."""
+    height, width = image.size
+    if image.resize_mode == "squash":
+        squash_h, squash_w = image.squash_size or image.size
+        what = f"squashed to {squash_w}x{squash_h}"
+    elif image.resize_mode == "longest":
+        what = f"longest side to fit {width}x{height}, padded with {image.fill}"
+    elif image.shortest_edge is not None:
+        what = f"shortest side to {image.shortest_edge}"
+    else:
+        what = f"shortest side to fit {width}x{height}"
+    note = RESIZE_NOTES[mode].replace("{resampler}", _RESAMPLERS[image.resampler])
+    return f"{what}, {image.interpolation}{note}"
 
 
 def file_metadata(shard: ShardSpec, ctx: ShardContext) -> dict[str, Any]:
     cfg = ctx.config
-    ckpt = ctx.loaded.checkpoint
+    loaded = ctx.loaded
+    ckpt = loaded.checkpoint
+    image = loaded.image_preprocess
+    text = ctx.encoder.text_metadata()
     return {
         "package": "clipbatch",
         "package_version": __version__,
@@ -368,22 +390,27 @@ def file_metadata(shard: ShardSpec, ctx: ShardContext) -> dict[str, Any]:
         "model": {
             "name": ckpt.display_name,
             "checkpoint_sha256": ckpt.sha256,
-            "embed_dim": ctx.loaded.embed_dim,
-            "input_resolution": ctx.loaded.input_resolution,
-            "context_length": ctx.encoder.context_tokens,
+            "embed_dim": loaded.embed_dim,
+            "input_resolution": loaded.input_resolution,
+            "context_length": ctx.encoder.context_tokens,  # the caption limit in effect
             "trained": ckpt.trained,
+            **ckpt.identity(),
+            "text": text,
         },
         "preprocessing": {
             "mode": cfg.runtime.preprocess,
-            "resize": f"shortest side to {ctx.loaded.input_resolution}, bicubic"
-            + RESIZE_NOTES[cfg.runtime.preprocess],
-            "crop": "center",
-            "mean": list(CLIP_MEAN),
-            "std": list(CLIP_STD),
+            "resize": describe_resize(image, cfg.runtime.preprocess),
+            "crop": (f"center, {image.crop_rounding}ed offsets" if image.crop else "none"),
+            "mean": list(image.mean),
+            "std": list(image.std),
+            "size": [image.size[0], image.size[1]],
+            "image": image.describe(),
+            "tokenizer": text["tokenizer"],
+            "max_caption_tokens": text["max_caption_tokens"],
         },
         "dtype": cfg.sink.dtype,
         "normalized": cfg.sink.normalize,
-        "options": output_options(cfg),
+        "options": output_options(cfg, context_length=loaded.context_length),
         "source": {
             "uri": shard.uri,
             "version": shard.version,

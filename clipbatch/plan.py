@@ -1,144 +1,263 @@
 """Which shards a run must encode, and which it can skip (design.md §4).
 
-Skipping is decided once, in the flow, from one listing of ``dest`` plus the
-manifest, so a resumed run over 100k shards spends no task runs on done work. A
-shard whose file exists but is missing from the manifest (a crash between the move
-and the manifest update) is adopted from its own footer when the fingerprint matches.
+Planning is done once, in the flow, with a bounded number of requests whatever the
+dataset's size: one listing of the source (its kind detected from it), one listing of
+``dest``, and the commit index's few segments (:mod:`clipbatch.commits`). A resumed run
+over 230,000 shards spends no task run and no request per shard on done work.
+
+A shard file that exists without a matching index record (a crash between the move and
+the index write) is adopted from its own footer when its fingerprint matches: one read
+per such file, and the adoption is written to the index at once.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
+from clipbatch.commits import (
+    CommitRecord,
+    IndexView,
+    listed_versions,
+    load_index,
+    records_table,
+    utc_stamp,
+    write_segment,
+)
 from clipbatch.config import EmbedConfig
-from clipbatch.errors import SourceError
-from clipbatch.fingerprint import shard_fingerprint
-from clipbatch.manifest import read_manifest, update_manifest
+from clipbatch.errors import ConfigError
+from clipbatch.fingerprint import (
+    accepted_fingerprints,
+    effective_precision,
+    shard_fingerprint,
+)
 from clipbatch.model import ResolvedCheckpoint, resolve_checkpoint
 from clipbatch.records import ShardResult, ShardSpec
 from clipbatch.sink import output_uri, read_file_metadata
-from clipbatch.sources import get_reader
-from clipbatch.storage import get_fs, object_version, to_uri, with_retries
+from clipbatch.sources import discover
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
+class PlanStats:
+    """Object-store requests the plan made, by purpose (the scale tests count them too)."""
+
+    source_listings: int = 0
+    index_reads: int = 0
+    footer_reads: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "source_listings": self.source_listings,
+            "index_reads": self.index_reads,
+            "footer_reads": self.footer_reads,
+        }
+
+
+@dataclass
 class RunPlan:
+    """The shards of a run and what to do with each.
+
+    ``config`` is what the shard tasks get: the user's config with the source kind and
+    the compute precision resolved, so no task detects either again.
+    """
+
     checkpoint: ResolvedCheckpoint
     shards: list[ShardSpec]
     fingerprints: dict[str, str]
+    config: EmbedConfig | None = None
     todo: list[ShardSpec] = field(default_factory=list)
-    skipped: list[ShardResult] = field(default_factory=list)
+    skipped: list[ShardSpec] = field(default_factory=list)
+    index: IndexView | None = None
+    adopted: dict[str, CommitRecord] = field(default_factory=dict)
+    stats: PlanStats = field(default_factory=PlanStats)
+
+    def record(self, shard: str) -> CommitRecord | None:
+        """The commit record a skipped shard was reused from."""
+        if shard in self.adopted:
+            return self.adopted[shard]
+        return self.index.get(shard) if self.index is not None else None
+
+    def skipped_results(self) -> Iterator[ShardResult]:
+        """One result per skipped shard, built on demand (not held for the whole run)."""
+        dest = (self.config.sink.url) if self.config is not None else ""
+        for shard in self.skipped:
+            yield skipped_result(shard, self.record(shard.name), dest)
 
 
-def existing_outputs(config: EmbedConfig) -> set[str]:
-    """Names of committed shard files under dest (one listing, not a HEAD per shard)."""
-    fs, path = get_fs(config.sink.url, config.sink.storage)
-    try:
-        entries = with_retries(lambda: fs.ls(path, detail=False), f"list {path}")
-    except FileNotFoundError:
-        return set()
-    names = set()
-    for entry in entries:
-        base = entry.rstrip("/").rsplit("/", 1)[-1]
-        if base.endswith(".parquet") and not base.startswith(("_", ".")):
-            names.add(base[: -len(".parquet")])
-    return names
+def model_identity(checkpoint: ResolvedCheckpoint) -> dict[str, Any] | None:
+    """The family identity that goes into fingerprints; None for OpenAI-format models."""
+    identity = getattr(checkpoint, "fingerprint_identity", None)
+    return identity() if callable(identity) else None
 
 
-def sidecar_versions(config: EmbedConfig, shards: list[ShardSpec]) -> dict[str, str]:
-    """Shard name -> version of its sidecar ``.parquet``, from one listing per folder."""
-    wanted = {s.sidecar_uri: s.name for s in shards if s.sidecar_uri}
-    if not wanted:
-        return {}
-    fs, _ = get_fs(config.source.url, config.source.storage)
-    folders = sorted({uri.rsplit("/", 1)[0] for uri in wanted})
-    out: dict[str, str] = {}
-    for folder in folders:
-        _, path = get_fs(folder, config.source.storage)
-        infos = with_retries(lambda p=path: fs.ls(p, detail=True), f"list {folder}")
-        for info in infos:
-            uri = to_uri(fs, info["name"])
-            if uri in wanted:
-                out[wanted[uri]] = object_version(fs, info["name"], info)
-    missing = [name for uri, name in wanted.items() if name not in out]
-    if missing:
-        # Listed as present a moment ago: a vanishing sidecar is a changing source.
-        raise SourceError(f"sidecar parquet of shard(s) {missing[:5]} disappeared while planning")
-    return out
+@dataclass(frozen=True)
+class ShardSlice:
+    """Slice ``index`` of ``count``: a contiguous block of the sorted shards.
+
+    Lets ``count`` flow runs (children of a backfill, on a work pool) share one dataset
+    and one destination without overlap.
+    """
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> ShardSlice:
+        head, sep, tail = str(text).partition("/")
+        try:
+            index, count = int(head), int(tail)
+        except ValueError:
+            index = count = -1
+        if not sep or count < 1 or not 0 <= index < count:
+            raise ConfigError(f"shard slice {text!r} must be 'I/N' with 0 <= I < N, e.g. '3/16'")
+        return cls(index, count)
+
+    def take(self, shards: list[ShardSpec]) -> list[ShardSpec]:
+        n = len(shards)
+        return shards[self.index * n // self.count : (self.index + 1) * n // self.count]
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
 
 
-def plan_shards(config: EmbedConfig, shards: list[ShardSpec] | None = None) -> RunPlan:
+def plan_shards(
+    config: EmbedConfig,
+    shards: list[ShardSpec] | None = None,
+    shard_slice: ShardSlice | None = None,
+) -> RunPlan:
+    import torch
+
     checkpoint = resolve_checkpoint(config.model)
-    shards = shards if shards is not None else get_reader(config.source).list_shards()
-    sidecars = sidecar_versions(config, shards)
+    stats = PlanStats()
+    if shards is None:
+        kind, shards = discover(config.source)
+        stats.source_listings = 1
+    else:
+        kind = shards[0].kind if shards else config.source.kind
+    if shard_slice is not None:
+        shards = shard_slice.take(shards)
+    precision = effective_precision(config.runtime, torch.cuda.is_available())
+    identity = model_identity(checkpoint)
+    context = getattr(checkpoint, "context_length", None)
     fingerprints = {
-        s.name: shard_fingerprint(s, config, checkpoint.sha256, sidecars.get(s.name))
+        s.name: shard_fingerprint(s, config, checkpoint.sha256, precision, identity, context)
         for s in shards
     }
-    plan = RunPlan(checkpoint=checkpoint, shards=shards, fingerprints=fingerprints)
+    task_config = config.model_copy(
+        update={
+            "source": config.source.model_copy(update={"kind": kind}),
+            "runtime": config.runtime.model_copy(update={"precision": precision}),
+        }
+    )
+    plan = RunPlan(
+        checkpoint=checkpoint,
+        shards=shards,
+        fingerprints=fingerprints,
+        config=task_config,
+        stats=stats,
+    )
     if config.sink.overwrite:
         plan.todo = list(shards)
         return plan
-    existing = existing_outputs(config)
-    manifest = read_manifest(config.sink).get("shards", {})
-    adopted: dict[str, dict] = {}
+    listed = listed_versions(config.sink)
+    plan.index = load_index(config.sink, listed)
+    stats.index_reads = plan.index.requests + 1
     for shard in shards:
-        fp = fingerprints[shard.name]
-        entry = manifest.get(shard.name)
-        if shard.name in existing and entry and entry.get("fingerprint") == fp:
-            plan.skipped.append(_skipped(shard, entry, config))
+        version = listed.get(shard.name)
+        if version is None:
+            plan.todo.append(shard)
             continue
-        if shard.name in existing and not (entry and entry.get("fingerprint") == fp):
-            meta = read_file_metadata(output_uri(config.sink.url, shard.name), config.sink.storage)
-            if meta and meta.get("fingerprint") == fp:
-                record = manifest_record_from_metadata(meta)
-                adopted[shard.name] = record
-                plan.skipped.append(_skipped(shard, record, config))
-                continue
-        plan.todo.append(shard)
-    if adopted:
-        log.info("adopting %d committed shard(s) missing from the manifest", len(adopted))
-        update_manifest(config.sink, adopted)
+        current = fingerprints[shard.name]
+        recorded = plan.index.fingerprint(shard.name)
+        if recorded is None:
+            adopted = _adopt(config, shard, version, stats)
+            if adopted is not None and adopted.fingerprint in _accepted(
+                shard, config, current, checkpoint, identity, kind
+            ):
+                plan.adopted[shard.name] = adopted
+                plan.skipped.append(shard)
+            else:
+                plan.todo.append(shard)
+        elif recorded == current or recorded in _accepted(
+            shard, config, current, checkpoint, identity, kind
+        ):
+            plan.skipped.append(shard)
+        else:
+            plan.todo.append(shard)
+    if plan.adopted:
+        log.info("adopting %d committed shard(s) missing from the index", len(plan.adopted))
+        name = f"adopt-{utc_stamp()}-{uuid.uuid4().hex[:8]}.parquet"
+        write_segment(config.sink, name, records_table(plan.adopted.values()))
     return plan
 
 
-def manifest_record(result: ShardResult, run_id: str) -> dict:
-    return {
-        "fingerprint": result.fingerprint,
-        "rows": result.rows,
-        "counts": result.counts,
-        "sha256": result.sha256,
-        "source_uri": result.source_uri,
-        "source_version": result.source_version,
-        "run_id": run_id,
-        "file": result.output_uri.rsplit("/", 1)[-1],
-    }
+def _accepted(
+    shard: ShardSpec,
+    config: EmbedConfig,
+    current: str,
+    checkpoint: ResolvedCheckpoint,
+    identity: dict[str, Any] | None,
+    kind: str,
+) -> set[str]:
+    return accepted_fingerprints(shard, config, current, checkpoint.sha256, identity, kind)
 
 
-def manifest_record_from_metadata(meta: dict) -> dict:
-    return {
-        "fingerprint": meta.get("fingerprint"),
-        "rows": meta.get("rows"),
-        "counts": meta.get("counts", {}),
-        "sha256": None,
-        "source_uri": meta.get("source", {}).get("uri"),
-        "source_version": meta.get("source", {}).get("version"),
-        "run_id": meta.get("run", {}).get("run_id"),
-    }
+def _adopt(
+    config: EmbedConfig, shard: ShardSpec, version: str, stats: PlanStats
+) -> CommitRecord | None:
+    """A record from the committed file's own footer (one read), or None if unreadable."""
+    stats.footer_reads += 1
+    meta = read_file_metadata(output_uri(config.sink.url, shard.name), config.sink.storage)
+    if not meta or not meta.get("fingerprint"):
+        return None
+    source = meta.get("source") or {}
+    return CommitRecord(
+        shard=shard.name,
+        file=f"{shard.name}.parquet",
+        file_version=version,
+        fingerprint=str(meta["fingerprint"]),
+        rows=int(meta.get("rows") or 0),
+        counts=dict(meta.get("counts") or {}),
+        sha256=None,
+        source_uri=source.get("uri"),
+        source_version=source.get("version"),
+        run_id=(meta.get("run") or {}).get("run_id"),
+    )
 
 
-def _skipped(shard: ShardSpec, entry: dict, config: EmbedConfig) -> ShardResult:
+def commit_record(result: ShardResult, run_id: str) -> CommitRecord:
+    """The index record of a committed shard."""
+    return CommitRecord(
+        shard=result.shard,
+        file=result.output_uri.rsplit("/", 1)[-1],
+        file_version=result.file_version,
+        fingerprint=result.fingerprint,
+        rows=result.rows,
+        counts=dict(result.counts),
+        sha256=result.sha256,
+        source_uri=result.source_uri,
+        source_version=result.source_version,
+        run_id=run_id,
+        committed_at=utc_stamp(),
+    )
+
+
+def skipped_result(shard: ShardSpec, record: CommitRecord | None, dest: str) -> ShardResult:
+    record_rows = record.rows if record else 0
     return ShardResult(
         shard=shard.name,
-        output_uri=output_uri(config.sink.url, shard.name),
+        output_uri=output_uri(dest, shard.name) if dest else "",
         status="skipped",
-        rows=int(entry.get("rows") or 0),
-        counts=dict(entry.get("counts") or {}),
-        fingerprint=entry.get("fingerprint") or "",
+        rows=int(record_rows or 0),
+        counts=dict(record.counts) if record else {},
+        fingerprint=record.fingerprint if record else "",
         source_uri=shard.uri,
         source_version=shard.version,
-        sha256=entry.get("sha256"),
+        sha256=record.sha256 if record else None,
+        file_version=record.file_version if record else None,
     )

@@ -19,10 +19,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipbatch.config import ModelConfig, StorageOptions
+from clipbatch.commits import (
+    COMMITS_DIR,
+    LEGACY_MANIFEST,
+    CommitRecord,
+    all_records,
+    file_version,
+)
+from clipbatch.config import ModelConfig, SinkConfig, StorageOptions
 from clipbatch.errors import ClipbatchError, ConfigError
-from clipbatch.manifest import MANIFEST_NAME
-from clipbatch.storage import get_fs, join, read_bytes, with_retries
+from clipbatch.storage import get_fs, with_retries
 from clipbatch.table import decode_metadata
 
 log = logging.getLogger(__name__)
@@ -44,6 +50,7 @@ class ShardFile:
     rows: int
     metadata: dict[str, Any] | None
     schema: pa.Schema
+    version: str | None = None  # as the listing reports it (what the commit index binds to)
 
 
 @dataclass
@@ -54,6 +61,7 @@ class OutputTable:
     fs: Any
     root: str
     files: list[ShardFile]
+    storage: StorageOptions | None = None
 
     def read(self, file: ShardFile, columns: Sequence[str] | None = None) -> pa.Table:
         return with_retries(
@@ -89,15 +97,9 @@ class OutputTable:
             )
         return next(m["model"] for m in (f.metadata for f in self.files) if m and "model" in m)
 
-    def manifest(self) -> dict[str, Any] | None:
-        import json
-
-        try:
-            return json.loads(read_bytes(self.fs, join(self.root, MANIFEST_NAME)))
-        except FileNotFoundError:
-            return None
-        except ValueError as e:
-            raise TableError(f"{self.dest}/{MANIFEST_NAME} is not valid JSON: {e}") from e
+    def sink(self) -> SinkConfig:
+        """The table as a sink, for reading its commit index."""
+        return SinkConfig(url=self.dest, storage=self.storage or StorageOptions())
 
 
 def open_table(dest: str, storage: StorageOptions | None = None) -> OutputTable:
@@ -105,16 +107,15 @@ def open_table(dest: str, storage: StorageOptions | None = None) -> OutputTable:
     fs, root = get_fs(dest, storage)
     root = root.rstrip("/")
     try:
-        listing = with_retries(lambda: fs.ls(root, detail=False), f"list {dest}")
+        listing = with_retries(lambda: fs.ls(root, detail=True), f"list {dest}")
     except FileNotFoundError as e:
         raise TableError(f"{dest} does not exist") from e
-    paths = sorted(
-        p for p in listing if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith("_")
-    )
-    if not paths:
+    entries = sorted((e for e in listing if _is_shard_file(e["name"])), key=lambda e: e["name"])
+    if not entries:
         raise TableError(f"{dest} holds no shard files (*.parquet)")
     files = []
-    for p in paths:
+    for e in entries:
+        p = e["name"]
         meta = with_retries(lambda p=p: pq.read_metadata(p, filesystem=fs), f"read footer {p}")
         files.append(
             ShardFile(
@@ -123,9 +124,15 @@ def open_table(dest: str, storage: StorageOptions | None = None) -> OutputTable:
                 rows=meta.num_rows,
                 metadata=decode_metadata(meta.metadata),
                 schema=meta.schema.to_arrow_schema(),
+                version=file_version(e, fs, p),
             )
         )
-    return OutputTable(dest=dest, fs=fs, root=root, files=files)
+    return OutputTable(dest=dest, fs=fs, root=root, files=files, storage=storage)
+
+
+def _is_shard_file(path: str) -> bool:
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return name.endswith(".parquet") and not name.startswith(("_", "."))
 
 
 def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -156,11 +163,25 @@ class Hit:
 
 
 def model_config_for(table: OutputTable, storage: StorageOptions | None = None) -> ModelConfig:
-    """The model that wrote ``table``, pinned to its recorded checkpoint sha256."""
+    """The model that wrote ``table``, pinned to its recorded checkpoint sha256.
+
+    A transformers hub model named without a revision is pinned to the revision that wrote
+    the table, so a newer upload on the hub cannot answer the query. The caption limit is
+    the one the table was written with.
+    """
+    from clipbatch.models.names import HUB, parse_model_name
+
     model = table.model_metadata()
+    name = model["name"]
+    parsed = parse_model_name(name)
+    hub_unpinned = parsed.family == "hf" and parsed.form == HUB and not parsed.revision
+    if hub_unpinned and model.get("revision"):
+        name = f"{name}@{model['revision']}"
+    limit = model.get("context_length")
     return ModelConfig(
-        name=model["name"],
+        name=name,
         checkpoint_sha256=model["checkpoint_sha256"],
+        max_caption_tokens=int(limit) if limit else None,
         storage=storage or StorageOptions(),
     )
 
@@ -175,14 +196,22 @@ class TextQueryEncoder:
         from clipbatch.model import load_model
 
         meta = table.model_metadata()
-        self.loaded = load_model(model_config_for(table, storage), device)
+        config = model_config_for(table, storage)
+        self.loaded = load_model(config, device)
         if self.loaded.embed_dim != meta["embed_dim"]:
             raise ConfigError(
                 f"model {meta['name']!r} has embedding dim {self.loaded.embed_dim}, "
                 f"the table {meta['embed_dim']}"
             )
+        recorded = meta.get("config_sha256")
+        if recorded and recorded != self.loaded.checkpoint.config_sha256:
+            raise ConfigError(
+                f"model {meta['name']!r}: its config files (tokenizer, preprocessing) have "
+                f"sha256 {self.loaded.checkpoint.config_sha256}, the table was written with "
+                f"{recorded}"
+            )
         self.encoder = ClipEncoder(
-            self.loaded, batch_size=64, context_tokens=int(meta.get("context_length") or 77)
+            self.loaded, batch_size=64, context_tokens=config.max_caption_tokens
         )
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
@@ -256,7 +285,7 @@ class Report:
 
 
 def validate(table: OutputTable) -> Report:
-    """Check every shard against its own metadata, the manifest, and the table contracts."""
+    """Check every shard against its own metadata, the commit index, and the table contracts."""
     report = Report(dest=table.dest, shards=len(table.files))
     seen: dict[str, str] = {}
     duplicates: Counter = Counter()
@@ -270,7 +299,7 @@ def validate(table: OutputTable) -> Report:
         report.problems.append(f"shards were written by different models: {sorted(report.models)}")
     if len(report.dtypes) > 1:
         report.problems.append(f"shards use different embedding dtypes: {sorted(report.dtypes)}")
-    _validate_manifest(table, report)
+    _validate_index(table, report)
     return report
 
 
@@ -357,22 +386,36 @@ def _validate_file(
             )
 
 
-def _validate_manifest(table: OutputTable, report: Report) -> None:
-    manifest = table.manifest()
-    if manifest is None:
-        report.notes.append(f"no {MANIFEST_NAME}")
+def _validate_index(table: OutputTable, report: Report) -> None:
+    """Cross-check the commit index (``_commits/``, or a legacy ``_manifest.json``) with the files.
+
+    A record describes one file version. A file whose version has no record yet is a
+    commit the index has not caught up with (a crash, or a run still going): a note,
+    since the next run adopts it from its footer. A record whose row count differs from
+    its file, or that names a file that is gone, is a problem.
+    """
+    records = all_records(table.sink())
+    if not records:
+        report.notes.append(f"no commit index ({COMMITS_DIR}/ or {LEGACY_MANIFEST})")
         return
-    shards = manifest.get("shards", {})
-    by_name = {f.name: f for f in table.files}
-    for shard, entry in sorted(shards.items()):
-        file = by_name.get(entry.get("file") or f"{shard}.parquet")
+    by_shard: dict[str, list[CommitRecord]] = {}
+    for rec in records:
+        by_shard.setdefault(rec.shard, []).append(rec)
+    files = {f.name.removesuffix(".parquet"): f for f in table.files}
+    for shard, recs in sorted(by_shard.items()):
+        file = files.get(shard)
+        where = LEGACY_MANIFEST if all(r.file_version is None for r in recs) else "commit index"
         if file is None:
-            report.problems.append(f"{MANIFEST_NAME} lists shard {shard}, but its file is missing")
-        elif entry.get("rows") is not None and entry["rows"] != file.rows:
+            report.problems.append(f"{where} lists shard {shard}, but its file is missing")
+            continue
+        exact = [r for r in recs if r.file_version == file.version]
+        rec = (exact or [r for r in recs if r.file_version is None] or recs)[-1]
+        if rec.rows != file.rows:
+            changed = "" if exact or rec.file_version is None else " (changed since its commit)"
             report.problems.append(
-                f"{MANIFEST_NAME} says shard {shard} has {entry['rows']} rows, its file {file.rows}"
+                f"{where} says shard {shard} has {rec.rows} rows, its file {file.rows}{changed}"
             )
-    listed = {entry.get("file") or f"{s}.parquet" for s, entry in shards.items()}
-    for name in sorted(set(by_name) - listed):
-        # A crash between the file's move and the manifest update; the next run re-adopts it.
-        report.notes.append(f"{name} is not in {MANIFEST_NAME} yet (the next run adopts it)")
+    for shard in sorted(set(files) - set(by_shard)):
+        report.notes.append(
+            f"{shard}.parquet is not in the commit index yet (the next run adopts it)"
+        )

@@ -37,9 +37,12 @@ CAPTION_KEEPING_STATUSES = frozenset(
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ShardSpec:
-    """One unit of work, retry and commit (design.md §1)."""
+    """One unit of work, retry and commit (design.md §1).
+
+    Slotted: a plan over 230,000 shards holds one of these per shard.
+    """
 
     uri: str  # the shard object's URI (for folder shards, the folder URI)
     name: str  # output stem: {dest}/{name}.parquet
@@ -49,6 +52,7 @@ class ShardSpec:
     sidecar_uri: str | None = None  # webdataset: sibling img2dataset .parquet
     row_range: tuple[int, int] | None = None  # table: [start, stop) rows, None = all
     base_uri: str | None = None  # table: where relative image paths resolve
+    sidecar_version: str | None = None  # the sidecar's version, from the same listing
 
 
 @dataclass
@@ -138,6 +142,9 @@ class ShardResult:
     source_version: str = ""
     sha256: str | None = None  # checksum of the committed file
     error: str | None = None
+    file_version: str | None = (
+        None  # the committed file's ETag / size+mtime (the index binds to it)
+    )
 
     @property
     def ok_rows(self) -> int:
@@ -161,4 +168,5 @@ class ShardResult:
             "source_version": self.source_version,
             "sha256": self.sha256,
             "error": self.error,
+            "file_version": self.file_version,
         }

@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clipbatch.commits import file_version
 from clipbatch.config import SinkConfig
 from clipbatch.errors import ShardVerificationError
 from clipbatch.faults import crash_point
@@ -173,8 +174,13 @@ class ShardWriter:
         return pa.array(sim.astype(np.float32), mask=~both)
 
     # -- committing ------------------------------------------------------------
-    def close_and_commit(self, metadata: dict[str, Any], fingerprint: str) -> tuple[str, str]:
-        """Finish the file, stage, verify and move it. Returns (final uri, file sha256)."""
+    def close_and_commit(self, metadata: dict[str, Any], fingerprint: str) -> tuple[str, str, str]:
+        """Finish the file, stage, verify and move it.
+
+        Returns (final uri, file sha256, file version): the version is what a listing of
+        ``dest`` reports for the file (its ETag, or size+mtime locally), which the commit
+        index records so that a record can only ever describe this very file.
+        """
         metadata = {
             **metadata,
             "fingerprint": fingerprint,
@@ -184,7 +190,7 @@ class ShardWriter:
         self._writer.add_key_value_metadata(encode_metadata(metadata))
         self._writer.close()
         try:
-            sha = _file_sha256(self._local)
+            sha, md5 = _file_digests(self._local)
             verify_parquet(self._local, None, self.rows, self.schema, fingerprint)
             crash_point("before_staging", self.name)
             final = output_uri(self.sink.url, self.name)
@@ -195,16 +201,41 @@ class ShardWriter:
                 _stage_local(self._local, staged_path)
             else:
                 with_retries(lambda: fs.put_file(self._local, staged_path), f"upload {staged}")
-            verify_parquet(staged_path, fs, self.rows, self.schema, fingerprint)
+            self._verify_staged(fs, staged_path, md5, fingerprint)
             crash_point("after_staging", self.name)
             move(fs, staged_path, final_path, self.name)
             if is_local_fs(fs):
                 # Only our own folder: _tmp itself may be in use by a concurrent run.
                 with contextlib.suppress(OSError):
                     os.rmdir(os.path.dirname(staged_path))
-            return final, sha
+            info = with_retries(lambda: fs.info(final_path), f"stat {final}")
+            return final, sha, file_version(info, fs, final_path)
         finally:
             self.discard_local()
+
+    def _verify_staged(self, fs: Any, path: str, md5: str, fingerprint: str) -> None:
+        """The staged object is the verified local file, byte for byte.
+
+        One HEAD: same size, and an ETag equal to the local file's MD5 (what S3 gives a
+        single-part upload) proves it. Where the ETag is something else (multipart
+        uploads, SSE-KMS, other stores), read the staged footer back and check rows,
+        schema and fingerprint instead.
+        """
+        if is_local_fs(fs):
+            verify_parquet(path, fs, self.rows, self.schema, fingerprint)
+            return
+        try:
+            info = with_retries(lambda: fs.info(path), f"stat {path}")
+        except FileNotFoundError as e:
+            raise ShardVerificationError(f"staged file {path} is missing after its upload") from e
+        size = os.path.getsize(self._local)
+        if info.get("size") is not None and int(info["size"]) != size:
+            raise ShardVerificationError(
+                f"staged file {path} has {info['size']} bytes, the local file {size}"
+            )
+        etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+        if etag != md5:
+            verify_parquet(path, fs, self.rows, self.schema, fingerprint)
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):  # best effort on an error path
@@ -369,12 +400,15 @@ def _stage_local(local: str, staged_path: str) -> None:
                 raise
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
+def _file_digests(path: str) -> tuple[str, str]:
+    """(sha256, md5) of a file, in one pass: the sha256 is recorded, the md5 is what an
+    object store's ETag of a single-part upload is."""
+    sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+            sha.update(chunk)
+            md5.update(chunk)
+    return sha.hexdigest(), md5.hexdigest()
 
 
 def _copy(src: Any, dst: Any) -> None:

@@ -154,14 +154,19 @@ def move(fs: fsspec.AbstractFileSystem, src: str, dst: str, shard: str = "") -> 
         os.replace(src, dst)
         return
     # A server-side copy is atomic for readers of dst: they see all of it or nothing.
-    with_retries(lambda: fs.copy(src, dst), f"copy {src} -> {dst}")
+    # cp_file/rm_file, not copy/rm: those expand paths first, a listing per call.
+    with_retries(lambda: fs.cp_file(src, dst), f"copy {src} -> {dst}")
     crash_point("mid_move", shard)
     remove_quietly(fs, src)
 
 
 def remove_quietly(fs: fsspec.AbstractFileSystem, path: str, recursive: bool = False) -> None:
+    """Remove a file (one request), or a folder with ``recursive``; failures only logged."""
     try:
-        with_retries(lambda: fs.rm(path, recursive=recursive), f"remove {path}")
+        if recursive:
+            with_retries(lambda: fs.rm(path, recursive=True), f"remove {path}")
+        else:
+            with_retries(lambda: fs.rm_file(path), f"remove {path}")
     except FileNotFoundError:
         pass
     except Exception as e:  # cleaning staging is best effort; a later run retries it

@@ -1,7 +1,10 @@
-"""``embed-backfill``: one child ``embed-dataset`` run per partition, exactly once.
+"""``embed-backfill``: one child ``embed-dataset`` run per partition (or slice), exactly once.
 
 The OSS Prefect server has no backfill. This flow fans out one child flow run per
-partition through ``run_deployment``, at most ``max_concurrent_runs`` at a time. Every
+partition through ``run_deployment``, at most ``max_concurrent_runs`` at a time. With
+``slices``, each partition (or one plain dataset) is cut into that many contiguous
+blocks of shards, one child run each, all writing the same table: the Prefect-native
+shape for a LAION-sized dataset on a pool of GPU workers. Every
 child carries an idempotency key derived from its deployment, its parameters and
 ``attempt``: the server answers a repeated key with the run it already has, so
 triggering the same backfill twice creates no second child run, and each child's
@@ -95,14 +98,22 @@ class BackfillConfig(BaseModel):
     poll_seconds: float = Field(
         10.0, ge=0.5, le=600.0, description="How often child run states are polled."
     )
+    slices: int = Field(
+        1,
+        ge=1,
+        le=4096,
+        description="Split each partition's shards into this many contiguous slices, one "
+        "child run each (e.g. 32 GPU pods on a LAION-sized dataset). Without partitions, "
+        "the templates are plain URLs and every child writes the same table.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> BackfillConfig:
         has_range = self.start_date is not None or self.end_date is not None
         if self.partitions and has_range:
             raise ValueError("give either partitions or start_date/end_date, not both")
-        if not self.partitions and not has_range:
-            raise ValueError("give partitions, or start_date and end_date")
+        if not self.partitions and not has_range and self.slices == 1:
+            raise ValueError("give partitions, or start_date and end_date, or slices > 1")
         if has_range:
             if self.start_date is None or self.end_date is None:
                 raise ValueError("a date range needs both start_date and end_date")
@@ -123,21 +134,36 @@ class BackfillConfig(BaseModel):
                 f"partitions {not_dates[:3]} are not dates (YYYY-MM-DD), so the templates "
                 "must use {partition}, not {date}/{year}/{month}/{day}"
             )
+        partitioned = bool(self.partitions) or has_range
         for name, template in (("source", self.source_template), ("dest", self.dest_template)):
             try:
                 check_template(template)
             except ConfigError as e:
                 raise ValueError(str(e)) from e
-            if not placeholders(template):
+            if partitioned and not placeholders(template):
                 # Every child would read (source) or write (dest) the same place.
                 raise ValueError(f"{name}_template needs a {{date}} or {{partition}} placeholder")
+            if not partitioned and placeholders(template):
+                raise ValueError(
+                    f"{name}_template has a placeholder but no partitions are given; "
+                    "give partitions, or plain URLs to slice one dataset"
+                )
         return self
 
     def partition_list(self) -> list[str]:
         if self.partitions:
             return list(self.partitions)
-        assert self.start_date is not None and self.end_date is not None  # validated
+        if self.start_date is None or self.end_date is None:
+            return []  # slices of one dataset
         return date_range(self.start_date, self.end_date)
+
+    def children(self) -> list[tuple[str | None, str | None]]:
+        """(partition, shard slice) of every child run, in order."""
+        partitions: list[str | None] = list(self.partition_list()) or [None]
+        slices: list[str | None] = (
+            [f"{i}/{self.slices}" for i in range(self.slices)] if self.slices > 1 else [None]
+        )
+        return [(p, s) for p in partitions for s in slices]
 
     def uses_date_fields(self) -> bool:
         used = placeholders(self.source_template) | placeholders(self.dest_template)
@@ -153,11 +179,24 @@ class BackfillConfig(BaseModel):
         )
 
 
-def child_parameters(spec: BackfillConfig, partition: str) -> dict[str, Any]:
+def child_parameters(
+    spec: BackfillConfig, partition: str | None, shard_slice: str | None = None
+) -> dict[str, Any]:
     # Only what differs from the defaults: the child validates against its deployment's
     # schema, which may be a release older or newer than this flow's code.
     config = spec.child_config().model_dump(mode="json", exclude_defaults=True)
-    return {"config": config, "partition": partition}
+    params: dict[str, Any] = {"config": config}
+    if partition is not None:
+        params["partition"] = partition
+    if shard_slice is not None:
+        params["shard_slice"] = shard_slice
+    return params
+
+
+def child_label(partition: str | None, shard_slice: str | None) -> str:
+    """How a child run is named and listed: the partition, the slice, or both."""
+    slice_part = f"slice-{shard_slice.replace('/', '-of-')}" if shard_slice else ""
+    return "-".join(p for p in (partition, slice_part) if p) or "all"
 
 
 def idempotency_key(spec: BackfillConfig, parameters: dict[str, Any]) -> str:
@@ -178,38 +217,39 @@ def backfill(spec: BackfillConfig) -> dict[str, Any]:
         spec: Partitions, URL templates, model and options of the backfill.
     """
     logger = get_run_logger()
-    partitions = spec.partition_list()
+    children = spec.children()
+    labels = [child_label(p, sl) for p, sl in children]
     started = _own_created_time()
     rows: dict[str, dict[str, Any]] = {}
-    active: dict[str, str] = {}  # flow run id -> partition
-    pending = list(partitions)
+    active: dict[str, str] = {}  # flow run id -> label
+    pending = list(zip(labels, children, strict=True))
     logger.info(
-        "backfill of %d partition(s) through %s, %d at a time",
-        len(partitions),
+        "backfill of %d child run(s) through %s, %d at a time",
+        len(children),
         spec.deployment,
         spec.max_concurrent_runs,
     )
     with get_client(sync_client=True) as client:
         while pending or active:
             while pending and len(active) < spec.max_concurrent_runs:
-                partition = pending.pop(0)
-                params = child_parameters(spec, partition)
+                label, (partition, shard_slice) = pending.pop(0)
+                params = child_parameters(spec, partition, shard_slice)
                 try:
                     child = run_deployment(
                         spec.deployment,
                         parameters=params,
                         idempotency_key=idempotency_key(spec, params),
-                        flow_run_name=f"backfill-{partition}",
+                        flow_run_name=f"backfill-{label}",
                         tags=["backfill"],
                         timeout=0,  # we poll ourselves, so the window stays full
                     )
                 except PrefectHTTPStatusError as e:
                     # The child deployment refused the parameters (its schema differs):
-                    # record why, and go on with the other partitions.
+                    # record why, and go on with the other children.
                     detail = e.response.text if e.response is not None else str(e)
-                    logger.error("%s: child run refused: %s", partition, detail)
-                    rows[partition] = {
-                        "partition": partition,
+                    logger.error("%s: child run refused: %s", label, detail)
+                    rows[label] = {
+                        **_unit(partition, shard_slice),
                         "flow_run_id": "",
                         "flow_run_name": "",
                         "state": f"Refused: {detail[:300]}",
@@ -219,26 +259,29 @@ def backfill(spec: BackfillConfig) -> dict[str, Any]:
                 reused = (
                     started is not None and child.created is not None and child.created < started
                 )
-                rows[partition] = _row(partition, child, reused)
+                rows[label] = _row(partition, shard_slice, child, reused)
                 if child.state is not None and child.state.is_final():
                     continue
-                active[str(child.id)] = partition
+                active[str(child.id)] = label
             if not active:
                 break
             time.sleep(spec.poll_seconds)
-            for run_id, partition in list(active.items()):
+            for run_id, label in list(active.items()):
                 child = client.read_flow_run(run_id)
-                rows[partition] = _row(partition, child, rows[partition]["reused"])
+                row = rows[label]
+                rows[label] = _row(
+                    row["partition"] or None, row["slice"] or None, child, row["reused"]
+                )
                 if child.state is not None and child.state.is_final():
                     active.pop(run_id)
-                    logger.info("%s: %s", partition, child.state.name)
-    table = [rows[p] for p in partitions]
-    failed = [r["partition"] for r in table if r["state"] != "Completed"]
+                    logger.info("%s: %s", label, child.state.name)
+    table = [rows[label] for label in labels]
+    failed = [label for label, r in zip(labels, table, strict=True) if r["state"] != "Completed"]
     reused = sum(r["reused"] for r in table)
     create_table_artifact(
         table=table,
         key=ARTIFACT_KEY,
-        description=f"Backfill via {spec.deployment}: {len(table)} partition(s), "
+        description=f"Backfill via {spec.deployment}: {len(table)} child run(s), "
         f"{len(table) - len(failed)} completed, {reused} reused from an earlier trigger.",
     )
     summary = {
@@ -246,7 +289,7 @@ def backfill(spec: BackfillConfig) -> dict[str, Any]:
         "completed": len(table) - len(failed),
         "failed": failed,
         "reused": reused,
-        "child_runs": {r["partition"]: r["flow_run_id"] for r in table},
+        "child_runs": {label: r["flow_run_id"] for label, r in zip(labels, table, strict=True)},
     }
     if failed:
         raise BackfillFailedError(
@@ -256,9 +299,15 @@ def backfill(spec: BackfillConfig) -> dict[str, Any]:
     return summary
 
 
-def _row(partition: str, child: Any, reused: bool) -> dict[str, Any]:
+def _unit(partition: str | None, shard_slice: str | None) -> dict[str, str]:
+    return {"partition": partition or "", "slice": shard_slice or ""}
+
+
+def _row(
+    partition: str | None, shard_slice: str | None, child: Any, reused: bool
+) -> dict[str, Any]:
     return {
-        "partition": partition,
+        **_unit(partition, shard_slice),
         "flow_run_id": str(child.id),
         "flow_run_name": child.name,
         "state": child.state.name if child.state is not None else "Unknown",

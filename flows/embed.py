@@ -1,4 +1,4 @@
-"""``embed_dataset``: list shards, skip done ones, map ``encode_shard`` over the rest.
+"""``embed_dataset``: list shards, skip done ones, map ``encode_shards`` over the rest.
 
 The one parameter is :class:`clipbatch.config.EmbedConfig`, which the Prefect UI renders
 as a form. The flow stays thin: planning, encoding and committing live in the library.
@@ -6,8 +6,10 @@ as a form. The flow stays thin: planning, encoding and committing live in the li
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from prefect import flow
@@ -18,22 +20,26 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 from pydantic import Field
 
+from clipbatch.commits import IndexWriter
 from clipbatch.config import EmbedConfig
+from clipbatch.errors import ShardTaskError
 from clipbatch.multigpu import device_slots
-from clipbatch.observe import Observers
-from clipbatch.plan import plan_shards
+from clipbatch.plan import ShardSlice, commit_record, plan_shards
 from clipbatch.records import ShardResult, ShardSpec
+from clipbatch.runner import failed_result
 from clipbatch.sink import clean_staging
 from clipbatch.summary import RunFailedError, RunSummary
 from flows.observers import make_observers
 from flows.params import resolve_config
 from flows.partitions import scheduled_start_time
 from flows.runners import shard_submitter
-from tasks.encode import encode_shard
+from tasks.encode import encode_shards
 
-# Shards in flight are bounded by config.runtime.shard_concurrency (a sliding window
+# Task runs in flight are bounded by config.runtime.shard_concurrency (a sliding window
 # below); the runner's own bound only caps threads.
 MAX_TASK_THREADS = 64
+# Past this many shards, shards are grouped so a flow run makes about this many task runs.
+MAX_TASK_RUNS = 1000
 
 
 def current_run_meta() -> dict[str, Any]:
@@ -65,6 +71,7 @@ def embed_dataset(
     partition: str | None = None,
     partition_timezone: str = "UTC",
     partition_offset_days: Annotated[int, Field(ge=-366, le=366)] = 0,
+    shard_slice: Annotated[str | None, Field(pattern=r"^\d+/\d+$")] = None,
 ) -> dict[str, Any]:
     """Embed every shard of ``config.source`` into Parquet at ``config.sink.url``.
 
@@ -81,6 +88,8 @@ def embed_dataset(
         partition: Fills {partition} and {date} in the URLs; default: the scheduled date.
         partition_timezone: IANA timezone the scheduled start is read in (Europe/Berlin).
         partition_offset_days: Days added to the scheduled date; -1 embeds the day before.
+        shard_slice: 'I/N': only the I-th of N contiguous blocks of the sorted shards, so
+            N runs (a backfill's children) share one dataset and destination.
     """
     logger = get_run_logger()
     run = resolve_config(
@@ -99,98 +108,136 @@ def embed_dataset(
     removed = clean_staging(config.sink)
     if removed:
         logger.info("removed %d stale staging folder(s) under %s/_tmp", removed, config.sink.url)
-    plan = plan_shards(config)
+    part = ShardSlice.parse(shard_slice) if shard_slice else None
+    plan = plan_shards(config, shard_slice=part)
+    if part is not None:
+        logger.info("shard slice %s: %d shard(s)", part, len(plan.shards))
+    config = plan.config or config  # the source kind and compute precision, resolved once
     observers = make_observers(config, {**meta, "run_id": run_id})
     observers.run_started(plan)
-    for skipped in plan.skipped:
+    summary = RunSummary(dest=config.sink.url, run_id=run_id)
+    for skipped in plan.skipped_results():
         observers.shard_finished(skipped)
+        summary.add(skipped)
+    groups = shard_groups(plan.todo, config.runtime.shards_per_task)
     logger.info(
-        "%d shard(s): %d to encode, %d already done (model %s, sha256 %s…)",
+        "%d shard(s): %d to encode in %d task run(s), %d already done (model %s, sha256 %s…)",
         len(plan.shards),
         len(plan.todo),
+        len(groups),
         len(plan.skipped),
         plan.checkpoint.display_name,
         plan.checkpoint.sha256[:12],
     )
-    task = encode_shard.with_options(
+    task = encode_shards.with_options(
         retries=config.runtime.task_retries,
         retry_delay_seconds=exponential_backoff(backoff_factor=config.runtime.retry_delay_seconds),
     )
+    index = IndexWriter(config.sink, run_id)
     start = time.perf_counter()
+
+    def finished(result: ShardResult) -> None:
+        # Per shard, as it finishes: the index, the run record and progress advance.
+        if result.status == "committed":
+            index.add(commit_record(result, run_id))
+        observers.shard_finished(result)
+        summary.add(result)
+
     try:
         # The thread pool, or a Dask/Ray cluster when config.runtime.task_runner names one.
         with shard_submitter(task, config.runtime) as submitter:
-            results = _run_windowed(
-                submitter, plan.todo, config, run_id, plan.fingerprints, meta, observers
+            window = max(config.runtime.shard_concurrency, device_slots(config.runtime.devices))
+            _run_windowed(
+                submitter, groups, window, plan.fingerprints, config, run_id, meta, finished
             )
     except BaseException as e:  # crashed or cancelled: lineage still says how far it got
-        observers.run_finished(
-            RunSummary(dest=config.sink.url, run_id=run_id, results=plan.skipped), e
-        )
+        _close_quietly(index)
+        observers.run_finished(summary, e)
         raise
-    summary = RunSummary(dest=config.sink.url, run_id=run_id, results=plan.skipped + results)
+    index.close()
     summary.seconds = time.perf_counter() - start
     logger.info(
         "done: %d committed, %d skipped, %d failed; %d rows (%d ok) at %.1f images/s",
-        len(summary.committed),
-        len(summary.skipped),
-        len(summary.failed),
-        summary.rows_written(),
-        summary.ok_rows(),
+        summary.committed,
+        summary.skipped,
+        summary.failures,
+        summary.rows_written,
+        summary.rows_ok,
         summary.images_per_second(),
     )
-    error = RunFailedError(summary) if summary.failed else None
+    error = RunFailedError(summary) if summary.failures else None
     observers.run_finished(summary, error)
     if error:
         raise error
     return summary.to_dict()
 
 
+def shard_groups(shards: list[ShardSpec], per_task: int) -> list[list[ShardSpec]]:
+    """Consecutive groups of shards, one task run each.
+
+    ``per_task`` 0 (the default) keeps one shard per task run up to ``MAX_TASK_RUNS``
+    shards, then groups them so that a flow run makes about ``MAX_TASK_RUNS`` task runs.
+    """
+    if not shards:
+        return []
+    size = per_task or max(1, math.ceil(len(shards) / MAX_TASK_RUNS))
+    return [shards[i : i + size] for i in range(0, len(shards), size)]
+
+
+def _close_quietly(index: IndexWriter) -> None:
+    """Record what was committed before a crash or cancel; the next run adopts the rest."""
+    try:
+        index.close(compact=False)
+    except Exception as e:  # noqa: BLE001 - the original error matters more
+        get_run_logger().warning("could not write the commit index: %s", e)
+
+
 def _run_windowed(
     task: Any,
-    shards: list[ShardSpec],
+    groups: list[list[ShardSpec]],
+    window: int,
+    fingerprints: dict[str, str],
     config: EmbedConfig,
     run_id: str,
-    fingerprints: dict[str, str],
     meta: dict[str, Any],
-    observers: Observers,
-) -> list[ShardResult]:
-    """Submit shards with at most ``shard_concurrency`` in flight; collect every outcome."""
-    # With per-device workers, at least one shard in flight per device keeps them all busy.
-    window = max(config.runtime.shard_concurrency, device_slots(config.runtime.devices))
-    in_flight: dict[PrefectFuture, ShardSpec] = {}
-    results: dict[str, ShardResult] = {}
+    finished: Callable[[ShardResult], None],
+) -> None:
+    """Submit groups with at most ``window`` task runs in flight; report every shard."""
+    in_flight: dict[PrefectFuture, list[ShardSpec]] = {}
 
     def collect(done: PrefectFuture) -> None:
-        shard = in_flight.pop(done)
+        group = in_flight.pop(done)
         done.wait()
-        state = done.state
-        if state.is_completed():
-            results[shard.name] = done.result()
+        if done.state.is_completed():
+            results = list(done.result())
         else:
             try:
                 exc = done.result(raise_on_failure=False)
             except Exception as e:  # noqa: BLE001 - e.g. Dask's KilledWorker: no state came back
                 exc = e
-            results[shard.name] = ShardResult(
-                shard=shard.name,
-                output_uri="",
-                status="failed",
-                source_uri=shard.uri,
-                source_version=shard.version,
-                fingerprint=fingerprints[shard.name],
-                error=f"{type(exc).__name__}: {exc}"
-                if isinstance(exc, BaseException)
-                else str(state.message),
-            )
-        # Per shard, as it finishes: the run record and progress advance during the run.
-        observers.shard_finished(results[shard.name])
+            results = group_failure(group, fingerprints, exc, done.state)
+        for result in results:
+            finished(result)
 
-    for shard in shards:
+    for group in groups:
         while len(in_flight) >= window:
             collect(next(as_completed(list(in_flight))))
-        future = task.submit(shard, config, run_id, fingerprints[shard.name], meta)
-        in_flight[future] = shard
+        fps = [fingerprints[s.name] for s in group]
+        future = task.submit(group, fps, config, run_id, meta)
+        in_flight[future] = group
     while in_flight:
         collect(next(as_completed(list(in_flight))))
-    return [results[s.name] for s in shards]
+
+
+def group_failure(
+    group: list[ShardSpec], fingerprints: dict[str, str], exc: Any, state: Any
+) -> list[ShardResult]:
+    """Every shard's result from a failed task run: what it reported, failed for the rest."""
+    known = list(exc.results) if isinstance(exc, ShardTaskError) else []
+    done = {r.shard for r in known}
+    reason = (
+        f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(state.message)
+    )
+    return known + [
+        failed_result(s, fingerprints[s.name], reason) for s in group if s.name not in done
+    ]

@@ -2,7 +2,7 @@
 
 - ``clipbatch.shard.committed`` / ``clipbatch.shard.failed`` events, one per shard,
   with the counts and source version in the payload (automations can react to them);
-- a progress artifact that advances as shards finish;
+- a progress artifact that advances as shards finish (at most one update per 2 s);
 - at the end, a markdown summary artifact (a table of shards, rows ok and failed,
   images/s, the destination) and an asset materialisation of the table, with its
   source as upstream asset and row counts and model as metadata.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 from prefect.artifacts import (
@@ -38,6 +39,7 @@ SHARD_FAILED = "clipbatch.shard.failed"
 SUMMARY_KEY = "clipbatch-run-summary"
 PROGRESS_KEY = "clipbatch-run-progress"
 MAX_TABLE_ROWS = 200  # the markdown table lists at most this many shards
+PROGRESS_INTERVAL_S = 2.0
 
 
 def asset_key(url: str) -> str:
@@ -51,7 +53,11 @@ class PrefectReporter:
     """A :class:`clipbatch.observe.RunObserver` reporting to the Prefect API."""
 
     def __init__(
-        self, config: EmbedConfig, run_meta: dict[str, Any], redactor: Redactor | None = None
+        self,
+        config: EmbedConfig,
+        run_meta: dict[str, Any],
+        redactor: Redactor | None = None,
+        progress_interval_s: float = PROGRESS_INTERVAL_S,
     ) -> None:
         self.config = config
         self.meta = run_meta
@@ -60,6 +66,8 @@ class PrefectReporter:
         self.total = 0
         self.done = 0
         self.progress_id: Any = None
+        self._last_progress = 0.0
+        self.progress_interval_s = progress_interval_s
         self.model: dict[str, str] = {}
 
     def run_started(self, plan: RunPlan) -> None:
@@ -76,12 +84,12 @@ class PrefectReporter:
 
     def shard_finished(self, result: ShardResult) -> None:
         self.done += 1
-        if self.progress_id is not None and self.total:
-            update_progress_artifact(
-                self.progress_id,
-                progress=100.0 * self.done / self.total,
-                description=f"{self.done} of {self.total} shard(s) done -> {self.dest}",
-            )
+        now = time.monotonic()
+        # Throttled: one update per progress_interval_s, so the API calls a run makes for
+        # its progress do not grow with its shards (the last one is in run_finished).
+        if now - self._last_progress >= self.progress_interval_s:
+            self._update_progress()
+            self._last_progress = now
         if result.status == "skipped":
             return
         event = SHARD_COMMITTED if result.status == "committed" else SHARD_FAILED
@@ -109,7 +117,16 @@ class PrefectReporter:
             ),
         )
 
+    def _update_progress(self) -> None:
+        if self.progress_id is not None and self.total:
+            update_progress_artifact(
+                self.progress_id,
+                progress=100.0 * self.done / self.total,
+                description=f"{self.done} of {self.total} shard(s) done -> {self.dest}",
+            )
+
     def run_finished(self, summary: RunSummary, error: BaseException | None) -> None:
+        self._update_progress()
         create_markdown_artifact(
             markdown=self.redact.text(summary_markdown(summary, self.model, error)),
             key=SUMMARY_KEY,
@@ -128,12 +145,12 @@ class PrefectReporter:
         )
         source = Asset(key=asset_key(self.redact.text(dataset_prefix(self.config.source.url))))
         metadata = {
-            "rows_written": summary.rows_written(),
-            "rows_ok": summary.ok_rows(),
-            "rows_failed": summary.rows_written() - summary.ok_rows(),
-            "shards_committed": len(summary.committed),
-            "shards_skipped": len(summary.skipped),
-            "shards_failed": len(summary.failed),
+            "rows_written": summary.rows_written,
+            "rows_ok": summary.rows_ok,
+            "rows_failed": summary.rows_written - summary.rows_ok,
+            "shards_committed": summary.committed,
+            "shards_skipped": summary.skipped,
+            "shards_failed": summary.failures,
             "run_id": summary.run_id,
             **self.model,
         }
@@ -154,10 +171,10 @@ def summary_markdown(
         "",
         f"**Destination:** [{summary.dest}]({summary.dest})  ",
         f"**Model:** {model.get('model', '?')} (sha256 `{model.get('checkpoint_sha256', '?')}`)  ",
-        f"**Shards:** {len(summary.results)} ({len(summary.committed)} written, "
-        f"{len(summary.skipped)} already done, {len(summary.failed)} failed)  ",
-        f"**Rows written:** {summary.rows_written()} ({summary.ok_rows()} ok, "
-        f"{summary.rows_written() - summary.ok_rows()} failed)  ",
+        f"**Shards:** {summary.shards} ({summary.committed} written, "
+        f"{summary.skipped} already done, {summary.failures} failed)  ",
+        f"**Rows written:** {summary.rows_written} ({summary.rows_ok} ok, "
+        f"{summary.rows_written - summary.rows_ok} failed)  ",
         f"**Speed:** {summary.images_per_second():.1f} images/s over {summary.seconds:.1f} s",
         "",
         "| shard | status | rows | ok | failed | images/s | output | error |",
@@ -170,6 +187,6 @@ def summary_markdown(
             f"| {r.shard} | {r.status} | {r.rows} | {r.ok_rows} | {r.failed_rows} | {rate} "
             f"| {r.output_uri or '-'} | {err} |"
         )
-    if len(summary.results) > MAX_TABLE_ROWS:
-        lines.append(f"| … {len(summary.results) - MAX_TABLE_ROWS} more | | | | | | | |")
+    if summary.shards > MAX_TABLE_ROWS:
+        lines.append(f"| … {summary.shards - MAX_TABLE_ROWS} more | | | | | | | |")
     return "\n".join(lines) + "\n"

@@ -1,8 +1,17 @@
-"""The shard task: one task run encodes and commits one whole shard.
+"""The shard task: one task run encodes and commits a group of shards, each on its own.
 
-Map over shards, never over single images: a task run costs tens of milliseconds.
-Retries are on the decorator, with exponential backoff and jitter, and only for
-transient errors (see :func:`clipbatch.errors.is_transient`).
+Map over shards, never over single images: a task run costs tens of milliseconds and a
+few API calls. For huge datasets a task run carries several shards
+(``runtime.shards_per_task``), so a flow run over 230,000 shards makes about a thousand
+task runs, not 230,000 (prefect#18883); every shard is still committed on its own.
+
+Retries are on the decorator (the flow sets the count and backoff from
+``runtime.task_retries`` / ``retry_delay_seconds``), with jitter, and only for transient
+errors (:func:`clipbatch.errors.is_transient`). A retry skips the shards an earlier
+attempt committed (one footer read each) and goes on from the shard that failed. A
+shard that fails for good (bad data over ``max_error_ratio``, bad config) is recorded as
+failed and the group goes on; the task then fails without a retry, carrying every
+shard's result to the flow.
 """
 
 from __future__ import annotations
@@ -15,13 +24,13 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.logging import get_run_logger
 from prefect.runtime import task_run
 from prefect.states import State
-from prefect.tasks import exponential_backoff
 
 from clipbatch.config import EmbedConfig
-from clipbatch.errors import is_transient
+from clipbatch.errors import ShardTaskError, is_transient
 from clipbatch.lineage.transport import transport_configured
 from clipbatch.multigpu import run_shard_on_devices
 from clipbatch.records import ShardResult, ShardSpec
+from clipbatch.runner import committed_result, failed_result
 from clipbatch.sink import output_uri
 
 
@@ -34,19 +43,64 @@ def retry_on_transient(task: Task, task_run: TaskRun, state: State) -> bool:
     return False
 
 
+def group_name() -> str:
+    shards = task_run.get_parameters().get("shards") or []
+    if len(shards) <= 1:
+        return f"encode-{shards[0].name}" if shards else "encode"
+    return f"encode-{shards[0].name}..{shards[-1].name}"
+
+
 @task(
-    name="encode-shard",
-    task_run_name="encode-{shard.name}",
-    retries=3,
-    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    name="encode-shards",
+    task_run_name=group_name,
     retry_jitter_factor=0.5,
     retry_condition_fn=retry_on_transient,
     cache_policy=NO_CACHE,  # idempotency across runs is ours, by fingerprint
     log_prints=False,
 )
-def encode_shard(
-    shard: ShardSpec, config: EmbedConfig, run_id: str, fingerprint: str, run_meta: dict[str, Any]
+def encode_shards(
+    shards: list[ShardSpec],
+    fingerprints: list[str],
+    config: EmbedConfig,
+    run_id: str,
+    run_meta: dict[str, Any],
+) -> list[ShardResult]:
+    logger = get_run_logger()
+    retry = (task_run.get_run_count() or 1) > 1
+    results: list[ShardResult] = []
+    for shard, fingerprint in zip(shards, fingerprints, strict=True):
+        if retry:
+            done = committed_result(shard, config, fingerprint)
+            if done is not None:
+                logger.info("shard %s: committed by an earlier attempt", shard.name)
+                results.append(done)
+                continue
+        try:
+            result = encode_one(shard, fingerprint, config, run_id, run_meta)
+        except Exception as e:
+            if is_transient(e):
+                raise ShardTaskError(
+                    f"shard {shard.name}: {type(e).__name__}: {e}", results, transient=True
+                ) from e
+            logger.error("shard %s failed: %s: %s", shard.name, type(e).__name__, e)
+            results.append(failed_result(shard, fingerprint, e))
+            continue
+        results.append(result)
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        raise ShardTaskError(
+            f"{len(failed)} of {len(results)} shard(s) failed: "
+            + "; ".join(f"{r.shard}: {r.error}" for r in failed[:3]),
+            results,
+            transient=False,
+        )
+    return results
+
+
+def encode_one(
+    shard: ShardSpec, fingerprint: str, config: EmbedConfig, run_id: str, run_meta: dict[str, Any]
 ) -> ShardResult:
+    """One shard: here, or on a free per-device worker process when runtime.devices is set."""
     logger = get_run_logger()
     logger.info("encoding shard %s (%s)", shard.name, shard.uri)
     # The shard's own OpenLineage run, a child of the flow run (when configured).
@@ -59,7 +113,6 @@ def encode_shard(
         )
         ol.start()
     try:
-        # Here, or on a free per-device worker process when runtime.devices is set.
         result = run_shard_on_devices(shard, config, run_id, fingerprint, run_meta)
     except BaseException as e:
         if ol is not None:

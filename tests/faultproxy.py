@@ -14,7 +14,9 @@ method and a path substring and firing for its next ``count`` matching requests:
 
 ``down()`` / ``up()`` close and reopen the listening socket on the same port, so the
 store looks stopped (connection refused) and then restarted. Counters of requests
-seen and faults fired are in :attr:`FaultProxy.stats`.
+seen and faults fired are in :attr:`FaultProxy.stats`; every forwarded request, with
+the bytes it sent and received (heads included), is in :attr:`FaultProxy.exchanges`,
+which the scale tests count per shard.
 """
 
 from __future__ import annotations
@@ -42,6 +44,17 @@ ERROR_ANSWERS = {
 }
 
 
+@dataclass(frozen=True)
+class Exchange:
+    """One forwarded request: what the client sent and what the store answered, in bytes."""
+
+    method: str
+    target: str  # path and query, as sent
+    sent: int
+    received: int
+    messages: int = 0  # WebSocket frames the client sent, on an upgraded connection
+
+
 @dataclass
 class Rule:
     fault: str
@@ -64,6 +77,7 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._rules: list[Rule] = []
         self.stats: Counter[str] = Counter()
+        self.exchanges: list[Exchange] = []
         self._listener: socket.socket | None = None
         self._stop = threading.Event()
         self.port = port
@@ -192,14 +206,25 @@ class FaultProxy:
                 # "Expect: 100-continue" ourselves and do not pass it upstream.
                 client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
                 head = _drop_header(head, b"expect:")
-            upstream.sendall(_force_close(head) + rest)
+            upgrade = b"upgrade: websocket" in head.lower()
+            # One request per connection, except a WebSocket upgrade, which must keep its
+            # "Connection: Upgrade" and then stays open for its frames.
+            first = (head if upgrade else _force_close(head)) + rest
+            upstream.sendall(first)
             if rule and rule.fault == "cut":
                 # The whole request body goes up first, on this thread: a second thread
                 # blocked in recv() on the client socket would delay the RST below.
                 _forward_body(client, upstream, head, rest)
                 self._forward_cut(client, upstream)
                 return
-            _pipe(client, upstream)
+            frames = FrameCounter() if upgrade else None
+            sent, received = _pipe(client, upstream, frames)
+            with self._lock:
+                self.exchanges.append(
+                    Exchange(
+                        method, target, len(first) + sent, received, frames.frames if frames else 0
+                    )
+                )
         except OSError:
             client.close()
 
@@ -297,13 +322,51 @@ def _reset(sock: socket.socket) -> None:
     sock.close()
 
 
-def _copy(src: socket.socket, dst: socket.socket) -> None:
+class FrameCounter:
+    """Counts the WebSocket frames in a client's byte stream (RFC 6455 framing)."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self._buf = b""
+        self._skip = 0  # payload bytes of the current frame still to pass
+
+    def feed(self, data: bytes) -> None:
+        if self._skip:
+            taken = min(self._skip, len(data))
+            self._skip -= taken
+            data = data[taken:]
+        self._buf += data
+        while len(self._buf) >= 2:
+            length = self._buf[1] & 0x7F
+            masked = self._buf[1] & 0x80
+            head = 2 + {126: 2, 127: 8}.get(length, 0) + (4 if masked else 0)
+            if len(self._buf) < head:
+                return
+            if length == 126:
+                length = int.from_bytes(self._buf[2:4], "big")
+            elif length == 127:
+                length = int.from_bytes(self._buf[2:10], "big")
+            self.frames += 1
+            rest = self._buf[head:]
+            if len(rest) >= length:
+                self._buf = rest[length:]
+            else:
+                self._skip, self._buf = length - len(rest), b""
+                return
+
+
+def _copy(
+    src: socket.socket, dst: socket.socket, counted: list[int], frames: FrameCounter | None = None
+) -> None:
     try:
         while True:
             chunk = src.recv(65536)
             if not chunk:
                 break
             dst.sendall(chunk)
+            counted[0] += len(chunk)
+            if frames is not None:  # the request head went up already: frames follow
+                frames.feed(chunk)
     except OSError:
         pass
     finally:
@@ -312,10 +375,15 @@ def _copy(src: socket.socket, dst: socket.socket) -> None:
                 s.shutdown(socket.SHUT_WR)
 
 
-def _pipe(client: socket.socket, upstream: socket.socket) -> None:
-    t = threading.Thread(target=_copy, args=(client, upstream), daemon=True)
+def _pipe(
+    client: socket.socket, upstream: socket.socket, frames: FrameCounter | None = None
+) -> tuple[int, int]:
+    """Forward both ways until both close; (bytes sent up, bytes received) after the head."""
+    up, down = [0], [0]
+    t = threading.Thread(target=_copy, args=(client, upstream, up, frames), daemon=True)
     t.start()
-    _copy(upstream, client)
+    _copy(upstream, client, down)
     t.join(timeout=30)
     client.close()
     upstream.close()
+    return up[0], down[0]

@@ -1,8 +1,8 @@
 """Worker processes for the fault tests: run shards with the library, no Prefect.
 
 :func:`run_worker` runs in a child process: it cleans stale staging, plans, and runs
-every shard still to do with :func:`clipbatch.runner.run_shard`, the same call the
-Prefect task makes. Children fork from one multiprocessing *forkserver* that has
+every shard still to do with :func:`clipbatch.runner.run_plan`, the same shard call the
+Prefect task makes, plus the commit index. Children fork from one multiprocessing *forkserver* that has
 imported torch and clipbatch once, so each costs a fork, not a 10 s import. Faults
 come from the environment the child sets for itself (``CLIPBATCH_CRASH_AT`` ...), so
 the parent can have it SIGKILLed at exact points, or stop its storage under it.
@@ -21,7 +21,7 @@ from typing import Any
 
 from clipbatch.config import EmbedConfig
 from clipbatch.plan import plan_shards
-from clipbatch.runner import run_shard
+from clipbatch.runner import run_plan
 from clipbatch.sink import clean_staging
 
 _CTX: Any = None
@@ -40,10 +40,7 @@ def _child(config_json: str, run_id: str, env: dict[str, str], out: str) -> None
     config = EmbedConfig.model_validate_json(config_json)
     clean_staging(config.sink)
     plan = plan_shards(config)
-    done = []
-    for shard in plan.todo:
-        run_shard(shard, config, run_id, plan.fingerprints[shard.name])
-        done.append(shard.name)
+    done = [r.shard for r in run_plan(plan, run_id)]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     Path(out).write_text(
         json.dumps({"done": done, "skipped": len(plan.skipped), "peak_rss_kib": peak})

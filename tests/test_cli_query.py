@@ -155,7 +155,7 @@ def test_inspect_fails_on_a_row_count_that_differs_from_the_metadata(
     assert main(["inspect", str(copy_of)]) == INCONSISTENT
     out = capsys.readouterr().out
     assert "00000.parquet: 11 rows, but its metadata says 12" in out
-    assert "_manifest.json says shard 00000 has 12 rows, its file 11" in out
+    assert "commit index says shard 00000 has 12 rows, its file 11" in out
 
 
 def test_inspect_fails_on_a_duplicate_key(

@@ -55,8 +55,8 @@ class ShardRecorder(WorkerPlugin):
             return
         ts = self.worker.state.tasks.get(key)
         params = getattr(getattr(ts, "run_spec", None), "kwargs", {}).get("parameters")
-        shard = params.get("shard") if isinstance(params, dict) else None
-        if shard is not None:
+        shards = params.get("shards") if isinstance(params, dict) else None
+        for shard in shards or []:  # a task run carries a group of shards (one by default)
             self.started.append(shard.name)
             self.running = shard.name
 
@@ -205,11 +205,11 @@ def test_parse_task_runner() -> None:
 def test_gpu_claims_need_a_cluster() -> None:
     from clipbatch.config import RuntimeConfig
     from flows.runners import shard_submitter
-    from tasks.encode import encode_shard
+    from tasks.encode import encode_shards
 
     with (
         pytest.raises(ConfigError, match="Dask or Ray"),
-        shard_submitter(encode_shard, RuntimeConfig(gpus_per_shard=1)),
+        shard_submitter(encode_shards, RuntimeConfig(gpus_per_shard=1)),
     ):
         pass
 

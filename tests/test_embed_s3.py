@@ -9,7 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from clipbatch.commits import listed_versions, load_index
 from clipbatch.model import load_model
+from clipbatch.sink import read_file_metadata
 from clipbatch.storage import get_fs
 from clipbatch.synthetic import write_webdataset
 from clipbatch.table import METADATA_KEY
@@ -87,12 +89,16 @@ def test_flow_embeds_webdataset_from_s3(prefect_harness, s3_dataset, s3_bucket, 
 
     # A rerun writes no second file and leaves the table unchanged.
     before = {p: fs.info(p)["ETag"] for p in fs.find(path)}
-    manifest = json.loads(fs.cat_file(f"{path}/_manifest.json"))
-    assert sorted(manifest["shards"]) == ["00000", "00001", "00002"]
+    index = load_index(config.sink, listed_versions(config.sink))
+    assert sorted(index.rows) == ["00000", "00001", "00002"]
+    assert {n: index.fingerprint(n) for n in index.rows} == {
+        n: read_file_metadata(f"{dest}/{n}.parquet", config.sink.storage)["fingerprint"]
+        for n in index.rows
+    }
     again = embed_dataset(config)
     assert again["shards_skipped"] == 3 and again["shards_committed"] == 0
     after = {p: fs.info(p)["ETag"] for p in fs.find(path)}
-    # Bookkeeping changes on a rerun (manifest timestamp, the new run's _lineage record).
+    # Bookkeeping changes on a rerun (the new run's _lineage record).
     assert {k: v for k, v in after.items() if "/_" not in k} == {
         k: v for k, v in before.items() if "/_" not in k
     }

@@ -25,10 +25,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from clipbatch.commits import CommitRecord, IndexWriter, all_records, listed_versions, load_index
 from clipbatch.config import ModelConfig, StorageOptions, build_config
 from clipbatch.encode import ClipEncoder
 from clipbatch.faults import OOM_ENV
-from clipbatch.manifest import read_manifest, update_manifest
 from clipbatch.model import load_model
 from clipbatch.storage import get_fs
 from clipbatch.synthetic import write_webdataset
@@ -93,7 +93,7 @@ def assert_exact(dest: str, endpoint: str, reference: pa.Table) -> None:
     fs, root = get_fs(dest, StorageOptions(endpoint_url=endpoint))
     objects = [p[len(root) + 1 :] for p in fs.find(root)]
     assert not [p for p in objects if p.startswith("_tmp")], objects
-    files = sorted(p for p in objects if p.endswith(".parquet"))
+    files = sorted(p for p in objects if p.endswith(".parquet") and not p.startswith("_"))
     assert files == [f"{i:05d}.parquet" for i in range(SHARDS)]
     table = sorted_table(dest, endpoint)
     keys = table.column("key").to_pylist()
@@ -111,12 +111,17 @@ def assert_exact(dest: str, endpoint: str, reference: pa.Table) -> None:
         got = np.asarray(table[c].to_pylist(), np.float32)
         want = np.asarray(reference[c].to_pylist(), np.float32)
         np.testing.assert_allclose(got, want, atol=2e-3, rtol=0, err_msg=c)
-    manifest = json.loads(fs.cat_file(f"{root}/_manifest.json"))["shards"]
-    assert sorted(manifest) == [f"{i:05d}" for i in range(SHARDS)]
-    for name, entry in manifest.items():
+    # The commit index describes exactly the files there now, with their footers' data.
+    sink = build_config(
+        {"source": "x", "sink": {"url": dest, "storage": {"endpoint_url": endpoint}}}
+    ).sink
+    index = load_index(sink, listed_versions(sink))
+    assert sorted(index.rows) == [f"{i:05d}" for i in range(SHARDS)]
+    for name in index.rows:
+        entry = index.get(name)
         meta = decode_metadata(pq.read_metadata(f"{root}/{name}.parquet", filesystem=fs).metadata)
-        assert entry["fingerprint"] == meta["fingerprint"]
-        assert entry["rows"] == meta["rows"] == PER_SHARD
+        assert entry.fingerprint == meta["fingerprint"]
+        assert entry.rows == meta["rows"] == PER_SHARD
 
 
 @pytest.mark.slow
@@ -131,10 +136,10 @@ def test_transient_read_and_write_faults_give_exact_output(
     proxy.inject("reset", 2, "GET", ".tar")
     proxy.inject("cut", 2, "GET", ".tar")
     proxy.inject("delay", 4, "GET", ".tar", seconds=0.3)
-    # Writes: the manifest PUT reset; a staged upload that lands but whose answer is
+    # Writes: the commit index PUT reset; a staged upload that lands but whose answer is
     # cut off; SlowDowns; then 10 InternalErrors in a row on staging uploads, more than
     # our with_retries (5 attempts) absorbs, so the shard task itself fails and is retried.
-    proxy.inject("reset", 1, "PUT", "_manifest.json")
+    proxy.inject("reset", 1, "PUT", "/_commits/")
     proxy.inject("cut", 1, "PUT", "/_tmp/")
     proxy.inject("slowdown", 2, "PUT", "/_tmp/")
     proxy.inject("internal", 10, "PUT", "/_tmp/")
@@ -185,10 +190,10 @@ def test_storage_server_stopped_mid_run_then_rerun_is_exact(
     # Stop the store as soon as the first shard is committed: the worker is mid-run.
     sink = cfg.sink.model_copy(update={"storage": StorageOptions(endpoint_url=s3_endpoint)})
     deadline = time.monotonic() + 120
-    while not read_manifest(sink)["shards"] and time.monotonic() < deadline:
+    while not listed_versions(sink) and time.monotonic() < deadline:
         time.sleep(0.02)
     server.stop()
-    stopped_at = len(read_manifest(sink)["shards"])
+    stopped_at = len(listed_versions(sink))
     time.sleep(7)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -242,7 +247,7 @@ def test_worker_sigkilled_at_each_commit_point_then_rerun_is_exact(
         objects = [p[len(root) + 1 :] for p in fs.find(root)]
         assert any(p.startswith("_tmp/") for p in objects) == staged_left, objects
         assert ("00001.parquet" in objects) == final_left, objects
-        assert "00001" not in read_manifest(cfg.sink)["shards"]
+        assert "00001" not in {r.shard for r in all_records(cfg.sink)}
         summary = embed_dataset(cfg)
         # Only the remaining shards are encoded; what was committed is reused.
         assert summary["shards_skipped"] == skips
@@ -284,7 +289,11 @@ def test_failed_flow_run_retried_with_prefect_cli_finishes_the_rest_only(
     assert state.is_failed()
     assert isinstance(state.result(raise_on_failure=False), RunFailedError)
     fs, root = get_fs(dest, cfg.sink.storage)
-    kept = {p: fs.info(p)["ETag"] for p in fs.find(root) if p.endswith(".parquet")}
+    kept = {
+        p: fs.info(p)["ETag"]
+        for p in fs.find(root)
+        if p.endswith(".parquet") and "/_" not in p[len(root) :]
+    }
     assert sorted(p.rsplit("/", 1)[-1] for p in kept) == [
         "00000.parquet",
         "00001.parquet",
@@ -311,29 +320,55 @@ def test_failed_flow_run_retried_with_prefect_cli_finishes_the_rest_only(
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     # The retry (same flow run) encoded 00002 only; the committed files were not rewritten.
     assert {p: fs.info(p)["ETag"] for p in kept} == kept
-    manifest = read_manifest(cfg.sink)["shards"]
-    assert manifest["00002"]["run_id"] == flow_run_id
+    index = load_index(cfg.sink, listed_versions(cfg.sink))
+    assert index.get("00002").run_id == flow_run_id
     assert_exact(dest, s3_endpoint, reference)
     _record("flow_retry", {"failed_shards": 1, "retried_by": "prefect flow-run retry"})
 
 
 @pytest.mark.parametrize("store", ["s3", "local"])
-def test_concurrent_manifest_updates_lose_nothing(store, bucket, s3_endpoint, tmp_path):
-    """8 threads x 8 updates race on one manifest: every entry survives.
+def test_concurrent_index_writers_and_compactions_lose_nothing(
+    store, bucket, s3_endpoint, tmp_path, monkeypatch
+):
+    """8 writers x 8 commits race on one index, each flushing every commit and compacting
+    at the end with a tiny segment limit, so compactions overlap each other and new
+    segments: every record survives. (The old single _manifest.json needed conditional
+    PUTs or flock for this; segments are immutable, so there is nothing to race on.)"""
+    import clipbatch.commits as commits
 
-    A plain read-modify-write loses entries here; the conditional PUT (S3 If-Match)
-    and the flock (local) make each update merge with the ones before it.
-    """
-    url = f"s3://{bucket}/manifest-race" if store == "s3" else str(tmp_path / "race")
+    monkeypatch.setattr(commits, "MAX_SEGMENTS", 2)
+    url = f"s3://{bucket}/index-race" if store == "s3" else str(tmp_path / "race")
     sink = build_config(
         {"source": "x", "sink": {"url": url, "storage": {"endpoint_url": s3_endpoint}}}
     ).sink
+    fs, root = get_fs(url, sink.storage)
+    names = [f"t{t}-{i}" for t in range(8) for i in range(8)]
+    fs.makedirs(root, exist_ok=True)
+    for name in names:  # the shard files the records describe
+        fs.pipe_file(f"{root}/{name}.parquet", name.encode())
+    versions = listed_versions(sink)
     errors: list[BaseException] = []
 
     def writer(t: int) -> None:
         try:
+            index = IndexWriter(sink, f"run-{t}", flush_records=1)
             for i in range(8):
-                update_manifest(sink, {f"t{t}-{i}": {"fingerprint": f"{t}.{i}"}})
+                name = f"t{t}-{i}"
+                index.add(
+                    CommitRecord(
+                        shard=name,
+                        file=f"{name}.parquet",
+                        file_version=versions[name],
+                        fingerprint=f"fp-{name}",
+                        rows=i,
+                        counts={"ok": i},
+                        sha256=None,
+                        source_uri=None,
+                        source_version=None,
+                        run_id=f"run-{t}",
+                    )
+                )
+            index.close()
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -343,8 +378,9 @@ def test_concurrent_manifest_updates_lose_nothing(store, bucket, s3_endpoint, tm
     for th in threads:
         th.join()
     assert not errors
-    shards = read_manifest(sink)["shards"]
-    assert sorted(shards) == sorted(f"t{t}-{i}" for t in range(8) for i in range(8))
+    index = load_index(sink, listed_versions(sink))
+    assert sorted(index.rows) == sorted(names)
+    assert {n: index.fingerprint(n) for n in names} == {n: f"fp-{n}" for n in names}
 
 
 def test_gpu_oom_halves_the_batch_and_goes_on(monkeypatch):

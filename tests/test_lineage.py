@@ -158,11 +158,15 @@ def test_record_is_valid_json_mid_run_and_says_how_far(tmp_path):
         fingerprints={"00000": "f0", "00001": "f1"},
         todo=list(shards),
     )
-    writer = RunRecordWriter(config, {"flow_run_id": "run-1", "flow_name": "f"}, min_interval_s=0)
+    writer = RunRecordWriter(
+        config, {"flow_run_id": "run-1", "flow_name": "f"}, min_interval_s=0, part_rows=1
+    )
     writer.run_started(plan)
     path = dest / "_lineage" / "run-1.json"
     first = json.loads(path.read_text())
     assert first["status"] == "running" and first["progress"]["shards_done"] == 0
+    assert first["inputs"] == {"count": 2, "parts": 2}  # one entry per part here
+    first = read_run_record(str(dest), "run-1")
     assert [i["version"] for i in first["inputs"]] == ["size:1:mtime:00000", "size:1:mtime:00001"]
     writer.shard_finished(
         ShardResult(
@@ -174,11 +178,17 @@ def test_record_is_valid_json_mid_run_and_says_how_far(tmp_path):
             sha256="cd" * 32,
         )
     )
-    mid = json.loads(path.read_text())  # the process could die here
+    mid = read_run_record(str(dest), "run-1")  # the process could die here
     assert mid["status"] == "running" and mid["ended_at"] is None
     assert mid["progress"]["shards_done"] == 1 and mid["progress"]["rows_written"] == 4
     assert mid["outputs"][0]["counts"] == {"ok": 3, "decode_error": 1}
-    assert not [p for p in path.parent.iterdir() if p.name != "run-1.json"]  # no temp files left
+    # No temp files left: the record, and its parts in a folder of the run's name.
+    assert sorted(p.name for p in path.parent.iterdir()) == ["run-1", "run-1.json"]
+    assert sorted(p.name for p in (path.parent / "run-1").iterdir()) == [
+        "inputs-00000.jsonl.gz",
+        "inputs-00001.jsonl.gz",
+        "outputs-00000.jsonl.gz",
+    ]
 
 
 def test_progress_artifact_advances_as_shards_finish(prefect_harness, tmp_path):
@@ -210,7 +220,7 @@ def test_progress_artifact_advances_as_shards_finish(prefect_harness, tmp_path):
 
     @flow(name="progress-probe")
     def probe() -> None:
-        reporter = PrefectReporter(config, {"flow_run_id": None})
+        reporter = PrefectReporter(config, {"flow_run_id": None}, progress_interval_s=0)
         reporter.run_started(plan)
         seen.append(progress(reporter))
         for s in shards:

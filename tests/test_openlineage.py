@@ -14,6 +14,7 @@ from prefect import flow
 
 from clipbatch.config import build_config
 from clipbatch.lineage.openlineage import Emitter, ShardLineage, transport_configured
+from clipbatch.lineage.record import read_run_record
 from clipbatch.records import ShardSpec
 from clipbatch.synthetic import write_webdataset
 from tests.conftest import upload_dir
@@ -163,7 +164,7 @@ def test_failed_shard_sends_fail_and_the_record_says_how_far(
     )
     assert shard_states == ["COMPLETE", "FAIL", "START", "START"]
 
-    record = json.loads((dest / "_lineage" / f"{flow_run_id}.json").read_text())
+    record = read_run_record(str(dest), flow_run_id)
     assert record["status"] == "failed" and "shard" in record["error"]
     assert record["progress"]["shards_total"] == 2
     assert record["progress"]["committed"] == 1 and record["progress"]["failed"] == 1

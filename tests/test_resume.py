@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from clipbatch.commits import all_records, commits_uri
 from clipbatch.config import EmbedConfig, build_config
-from clipbatch.manifest import manifest_uri, read_manifest
 from clipbatch.model import TINY_ARCH
 from clipbatch.plan import plan_shards
 from clipbatch.sink import (
@@ -135,19 +135,26 @@ def test_new_sidecar_version_redoes_that_shard_only(done):
     assert todo(config(src, dest)) == []
 
 
-def test_committed_file_missing_from_manifest_is_adopted_from_its_footer(done):
-    """A crash between the move and the manifest update: the next plan adopts the file."""
+def test_committed_file_missing_from_the_index_is_adopted_from_its_footer(done, tmp_path):
+    """A crash between the move and the index write: the next plan adopts the file."""
+    import shutil
+
     src, dest = done
-    manifest = Path(manifest_uri(str(dest)))
-    saved = manifest.read_bytes()
+    index = Path(commits_uri(str(dest)))
+    saved = tmp_path / "saved-index"
+    shutil.copytree(index, saved)
     try:
-        manifest.unlink()
+        shutil.rmtree(index)
         cfg = config(src, dest)
         plan = plan_shards(cfg)
         assert plan.todo == [] and len(plan.skipped) == SHARDS
-        assert sorted(read_manifest(cfg.sink)["shards"]) == ["00000", "00001", "00002"]
+        assert plan.stats.footer_reads == SHARDS  # one read per file the index missed
+        assert sorted(r.shard for r in all_records(cfg.sink)) == ["00000", "00001", "00002"]
+        again = plan_shards(cfg)  # adopted once, then planned from the index alone
+        assert again.todo == [] and again.stats.footer_reads == 0
     finally:
-        manifest.write_bytes(saved)
+        shutil.rmtree(index, ignore_errors=True)
+        shutil.copytree(saved, index)
 
 
 def test_file_with_another_fingerprint_is_redone_not_trusted(done, tmp_path):

@@ -8,6 +8,7 @@ environment too. After a run on moto, every byte the run wrote is searched.
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import secrets
@@ -15,6 +16,8 @@ import string
 from collections.abc import Iterator
 
 import boto3
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from clipbatch.config import build_config
@@ -99,6 +102,27 @@ def test_redactor_masks_keys_urls_and_env_values():
     assert is_secret_name("OPENLINEAGE__TRANSPORT__AUTH") and not is_secret_name("key_column")
 
 
+def readable(key: str, body: bytes) -> str:
+    """An object's text as a reader would see it: compressed parts and tables decoded."""
+    if key.endswith(".gz"):
+        body = gzip.decompress(body)
+    elif key.endswith(".parquet"):
+        table = pq.read_table(pa.BufferReader(body))
+        meta = pq.read_metadata(pa.BufferReader(body)).metadata or {}
+        cells = json.dumps(
+            table.drop_columns(
+                [f.name for f in table.schema if pa.types.is_fixed_size_list(f.type)]
+            ).to_pylist(),
+            default=str,
+        )
+        return (
+            body.decode("latin-1")
+            + cells
+            + json.dumps({k.decode(): v.decode() for k, v in meta.items()})
+        )
+    return body.decode("latin-1")
+
+
 def test_no_secret_anywhere_a_run_writes(
     prefect_harness, tmp_path, s3_bucket, s3_endpoint, monkeypatch, captured_logs
 ):
@@ -164,7 +188,7 @@ def test_no_secret_anywhere_a_run_writes(
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     for obj in s3.list_objects_v2(Bucket=s3_bucket, Prefix="emb/")["Contents"]:
         body = s3.get_object(Bucket=s3_bucket, Key=obj["Key"])["Body"].read()
-        written[f"dest:{obj['Key']}"] = body.decode("latin-1")
+        written[f"dest:{obj['Key']}"] = readable(obj["Key"], body)
     assert any("/_lineage/" in k for k in written) and any(k.endswith(".parquet") for k in written)
     for i, body in enumerate(collector.raw):
         written[f"openlineage:{i}"] = body.decode()

@@ -18,7 +18,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dest", help="output URL for the Parquet table")
     p.add_argument("--source-kind", choices=["auto", "webdataset", "folder", "table"])
-    p.add_argument("--model", help="ViT-B/32, tiny, a checkpoint path or s3:// URI")
+    p.add_argument(
+        "--model",
+        help="ViT-B/32 (or openai:ViT-B/32), tiny, an OpenAI checkpoint path or s3:// URI, "
+        "open_clip:ARCH:TAG (e.g. open_clip:ViT-H-14:laion2b_s32b_b79k), "
+        "open_clip:local-dir:URL, open_clip:hf-hub:ORG/REPO, hf:ORG/NAME[@REVISION], hf:PATH",
+    )
     p.add_argument("--checkpoint-sha256", help="expected checkpoint sha256")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"])

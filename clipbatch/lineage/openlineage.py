@@ -303,6 +303,7 @@ class OpenLineageObserver:
     # -- observer hooks ---------------------------------------------------------
     def run_started(self, plan: RunPlan) -> None:
         self.model = {
+            **plan.checkpoint.identity(),
             "name": plan.checkpoint.display_name,
             "checkpoint_sha256": plan.checkpoint.sha256,
         }
@@ -312,15 +313,15 @@ class OpenLineageObserver:
         return None  # shard tasks emit their own runs (see ShardLineage)
 
     def run_finished(self, summary: RunSummary, error: BaseException | None) -> None:
-        done = summary.committed + summary.skipped
+        done = summary.first_done()
         facets: dict[str, Any] = {
             "columnLineage": column_lineage(self.config.source, [self.source])
         }
-        schema = read_schema(done[0].output_uri, self.config.sink.storage) if done else None
+        schema = read_schema(done.output_uri, self.config.sink.storage) if done else None
         if schema is not None:
             facets["schema"] = schema_facet(schema)
         stats = output_statistics_output_dataset.OutputStatisticsOutputDatasetFacet(
-            rowCount=summary.rows_written(), fileCount=len(summary.committed)
+            rowCount=summary.rows_written, fileCount=summary.committed
         )
         run_facets: dict[str, RunFacet] = {}
         if error is not None:

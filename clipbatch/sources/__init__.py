@@ -1,5 +1,5 @@
 """Dataset readers. Each source kind lists shards and streams :class:`RawSample` rows."""
 
-from clipbatch.sources.base import ShardReader, get_reader, list_shards
+from clipbatch.sources.base import ShardReader, discover, get_reader
 
-__all__ = ["ShardReader", "get_reader", "list_shards"]
+__all__ = ["ShardReader", "discover", "get_reader"]

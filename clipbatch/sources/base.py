@@ -1,4 +1,4 @@
-"""The reader interface and the registry that picks a reader for a source."""
+"""The reader interface, the registry that picks a reader, and listing a source once."""
 
 from __future__ import annotations
 
@@ -10,15 +10,17 @@ import pyarrow as pa
 from clipbatch.config import SourceConfig
 from clipbatch.errors import ConfigError
 from clipbatch.records import RawSample, ShardSpec
+from clipbatch.sources.listing import Listing, list_source
+from clipbatch.storage import get_fs
 
 
 class ShardReader(Protocol):
-    """Lists a dataset's shards and streams the rows of one shard."""
+    """Turns a listing into shards, and streams the rows of one shard."""
 
     kind: str
 
-    def list_shards(self) -> list[ShardSpec]:
-        """All shards, in a deterministic (sorted) order."""
+    def shards_from(self, listing: Listing) -> list[ShardSpec]:
+        """All shards of the listing, in a deterministic (sorted) order."""
         ...
 
     def passthrough_fields(self, shard: ShardSpec) -> list[pa.Field]:
@@ -30,11 +32,22 @@ class ShardReader(Protocol):
         ...
 
 
-def get_reader(source: SourceConfig) -> ShardReader:
-    """The reader for ``source``, detecting the kind from the URL when it is 'auto'."""
-    from clipbatch.sources.detect import detect_kind
+def list_source_url(source: SourceConfig) -> Listing:
+    """One listing of everything ``source.url`` names (see :mod:`clipbatch.sources.listing`)."""
+    fs, path = get_fs(source.url, source.storage)
+    return list_source(fs, path, source.url)
 
-    kind = source.kind if source.kind != "auto" else detect_kind(source)
+
+def get_reader(source: SourceConfig, kind: str | None = None) -> ShardReader:
+    """The reader for ``kind`` (default ``source.kind``). The plan resolves 'auto' once;
+    a reader is never asked to detect the kind, so no shard task lists the dataset."""
+    if kind is None and source.kind == "auto":
+        # Ad-hoc use (tests, the lineage tool): detect from one listing. The plan always
+        # passes the kind it resolved, so shard tasks never get here.
+        from clipbatch.sources.detect import detect_kind
+
+        kind = detect_kind(source, list_source_url(source))
+    kind = kind or source.kind
     if kind == "webdataset":
         from clipbatch.sources.webdataset import WebDatasetReader
 
@@ -50,5 +63,10 @@ def get_reader(source: SourceConfig) -> ShardReader:
     raise ConfigError(f"unknown source kind {kind!r}; use webdataset, folder or table")
 
 
-def list_shards(source: SourceConfig) -> list[ShardSpec]:
-    return get_reader(source).list_shards()
+def discover(source: SourceConfig) -> tuple[str, list[ShardSpec]]:
+    """List ``source`` once; return its kind (detected when 'auto') and its shards."""
+    from clipbatch.sources.detect import detect_kind
+
+    listing = list_source_url(source)
+    kind = source.kind if source.kind != "auto" else detect_kind(source, listing)
+    return kind, get_reader(source, kind).shards_from(listing)

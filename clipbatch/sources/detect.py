@@ -1,25 +1,39 @@
-"""Guess the source kind from the URL, and ask for --source-kind when it is ambiguous."""
+"""Guess the source kind from one listing, and ask for --source-kind when it is ambiguous.
+
+The plan detects the kind once, from the listing it makes anyway, and hands the kind to
+the readers: no shard task ever lists the dataset.
+"""
 
 from __future__ import annotations
 
 from clipbatch.config import SourceConfig
 from clipbatch.errors import ConfigError
-from clipbatch.sources.listing import expand_braces, list_files
-from clipbatch.storage import get_fs
+from clipbatch.sources.listing import Listing, expand_braces
 
 TABLE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson", ".json.gz", ".jsonl.gz", ".csv.gz")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
-def detect_kind(source: SourceConfig) -> str:
-    url = source.url
+def kind_from_url(url: str) -> str | None:
+    """The kind a URL's own suffix names (``x.tar``, ``t.parquet``), or None."""
     first = expand_braces(url)[0].lower().rstrip("/")
     if first.endswith(TAR_SUFFIXES):
         return "webdataset"
     if first.endswith(TABLE_SUFFIXES):
         return "table"
-    fs, path = get_fs(url, source.storage)
-    files = [p.lower() for p, _ in list_files(fs, path, (), recursive=True)]
+    return None
+
+
+def detect_kind(source: SourceConfig, listing: Listing | None = None) -> str:
+    """The kind of ``source``, from its URL or else from what ``listing`` found."""
+    by_url = kind_from_url(source.url)
+    if by_url:
+        return by_url
+    if listing is None:
+        from clipbatch.sources.base import list_source_url
+
+        listing = list_source_url(source)
+    files = [i.path.lower() for i in listing.matches]
     tars = sum(p.endswith(TAR_SUFFIXES) for p in files)
     images = tuple(f".{e.lower()}" for e in source.image_exts)
     n_images = sum(p.endswith(images) for p in files) if images else 0
@@ -47,6 +61,6 @@ def detect_kind(source: SourceConfig) -> str:
             or f"{len(files)} file(s) of no known kind"
         )
     raise ConfigError(
-        f"cannot tell the source kind of {url!r} (found {found}); "
+        f"cannot tell the source kind of {source.url!r} (found {found}); "
         "pass --source-kind webdataset|folder|table (source.kind in YAML)"
     )

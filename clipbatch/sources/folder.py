@@ -23,9 +23,9 @@ from clipbatch.config import SourceConfig
 from clipbatch.errors import ConfigError
 from clipbatch.records import DUPLICATE_KEY, MISSING_CAPTION, MISSING_IMAGE, RawSample, ShardSpec
 from clipbatch.sources.fetch import Fetcher
-from clipbatch.sources.listing import list_files
+from clipbatch.sources.listing import Listing, filter_suffixes
 from clipbatch.sources.text import caption_from_value, decode_caption
-from clipbatch.storage import get_fs, object_version, to_uri
+from clipbatch.storage import get_fs, to_uri
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +53,25 @@ class FolderReader:
 
     # -- listing ---------------------------------------------------------------
     def list_shards(self) -> list[ShardSpec]:
-        fs, root = get_fs(self.source.url, self.source.storage)
+        """List the source and cut it into shards (ad-hoc use; the plan lists once)."""
+        from clipbatch.sources.base import list_source_url
+
+        return self.shards_from(list_source_url(self.source))
+
+    def shards_from(self, listing: Listing) -> list[ShardSpec]:
+        fs = listing.fs
+        _, root = get_fs(self.source.url, self.source.storage)
         root = root.rstrip("/")
         wanted = (
             set(self.image_exts) | {"json"} | ({self.caption_ext} if self.caption_ext else set())
         )
-        files = list_files(fs, root, tuple(f".{e}" for e in sorted(wanted)), recursive=True)
-        by_stem: dict[str, dict[str, tuple[str, dict]]] = {}
-        for path, info in files:
+        files = filter_suffixes(listing.matches, tuple(f".{e}" for e in sorted(wanted)))
+        by_stem: dict[str, dict[str, tuple[str, str]]] = {}
+        for info in files:
+            path = info.path
             rel = path[len(root) :].lstrip("/") if path.startswith(root) else path
             stem, ext = split_name(rel)
-            by_stem.setdefault(stem, {})[ext] = (rel, info)
+            by_stem.setdefault(stem, {})[ext] = (rel, info.version)
         primary = set(self.image_exts) | ({self.caption_ext} if self.caption_ext else set())
         stems = sorted(s for s, exts in by_stem.items() if primary & set(exts))
         if not stems:
@@ -78,9 +86,9 @@ class FolderReader:
             members: list[str] = []
             digest = hashlib.sha256()
             for stem in stems[i : i + size]:
-                for _ext, (rel, info) in sorted(by_stem[stem].items()):
+                for _ext, (rel, version) in sorted(by_stem[stem].items()):
                     members.append(rel)
-                    digest.update(f"{rel}\0{object_version(fs, rel, info)}\n".encode())
+                    digest.update(f"{rel}\0{version}\n".encode())
             shards.append(
                 ShardSpec(
                     uri=folder_uri,

@@ -1,22 +1,41 @@
 """Deterministic listing of dataset objects: prefixes, globs and brace patterns.
 
-Brace patterns (``{00000..00099}.tar``, ``{a,b}``) are expanded here rather than by a
-shell, so users need no quoting tricks (clip-retrieval#245).
+A source is listed **once**, by the plan, with a bounded number of requests per object:
+listing pages (one per 1,000 keys on S3), never a request per shard.
+
+- A prefix (or folder) is listed recursively, in one paged listing.
+- A brace pattern (``{00000..00099}.tar``, ``{a,b}``) is expanded here rather than by a
+  shell, so users need no quoting tricks (clip-retrieval#245). The expanded names are
+  looked up in one listing of each parent folder (or, when they spread over many
+  folders, one recursive listing of their common prefix), not with a HEAD per name.
+- A glob is matched against one recursive listing of its static prefix.
+
+The listing keeps every file under the folders it listed, matched or not, so readers can
+find siblings (img2dataset's ``NNNNN.parquet`` beside ``NNNNN.tar``) without asking the
+store again. Infos are reduced to :class:`ObjectInfo` right away: the plan holds a few
+hundred bytes per object, not the store's full answer.
 """
 
 from __future__ import annotations
 
 import itertools
+import posixpath
 import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import fsspec
+from fsspec.utils import glob_translate
 
 from clipbatch.errors import ConfigError, SourceError
-from clipbatch.storage import with_retries
+from clipbatch.storage import object_version, with_retries
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 _GLOB_CHARS = set("*?[")
+# Expanded brace names spread over more folders than this are looked up in one recursive
+# listing of their common prefix instead of one listing per folder.
+MAX_FOLDER_LISTINGS = 8
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -44,50 +63,207 @@ def has_pattern(path: str) -> bool:
     return bool(_BRACE.search(path)) or any(c in path for c in _GLOB_CHARS)
 
 
-def list_files(
-    fs: fsspec.AbstractFileSystem, path: str, suffixes: tuple[str, ...], recursive: bool
-) -> list[tuple[str, dict]]:
-    """(path, info) for files under ``path`` (a file, prefix, glob or brace pattern), sorted.
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """What the plan keeps of one listed object."""
 
-    Names starting with '_' or '.' are bookkeeping (ours or img2dataset's) and skipped.
-    """
-    suffixes = tuple(s.lower() for s in suffixes)
+    path: str  # the path on the listing's filesystem (no scheme)
+    version: str  # ETag / version id / size+mtime (clipbatch.storage.object_version)
+    size: int | None = None
 
-    def wanted(p: str) -> bool:
-        name = p.rsplit("/", 1)[-1]
-        return not name.startswith(("_", ".")) and (not suffixes or name.lower().endswith(suffixes))
 
-    found: dict[str, dict] = {}
-    for pattern in expand_braces(path):
-        if any(c in pattern for c in _GLOB_CHARS):
-            entries = with_retries(lambda p=pattern: fs.glob(p, detail=True), f"glob {pattern}")
-            for p, info in entries.items():
-                if info.get("type") == "file" and wanted(p):
-                    found[p] = info
-            continue
+@dataclass
+class Listing:
+    """The objects a source URL names, plus every file under the folders listed for it."""
+
+    url: str
+    fs: fsspec.AbstractFileSystem
+    matches: list[ObjectInfo]  # what the URL names, sorted by path, bookkeeping excluded
+    files: dict[str, ObjectInfo] = field(default_factory=dict)  # everything listed, by path
+    complete: set[str] = field(default_factory=set)  # folders whose every file is in ``files``
+    requests: int = 0  # listing calls made (each may be several pages)
+
+    def sibling(self, path: str) -> ObjectInfo | None:
+        """The info of ``path`` from the listing, or from one HEAD if its folder was not listed."""
+        info = self.files.get(path)
+        if info is not None or posixpath.dirname(path) in self.complete:
+            return info
         try:
-            info = with_retries(lambda p=pattern: fs.info(p), f"stat {pattern}")
+            raw = with_retries(lambda: self.fs.info(path), f"stat {path}")
         except FileNotFoundError:
-            if len(expand_braces(path)) > 1:
-                raise SourceError(f"{pattern} (from brace pattern {path}) does not exist") from None
-            raise ConfigError(f"source {path!r} does not exist") from None
-        if info.get("type") == "directory":
-            if recursive:
-                entries = with_retries(lambda p=pattern: fs.find(p, detail=True), f"list {pattern}")
-            else:
-                entries = {
-                    e["name"]: e
-                    for e in with_retries(
-                        lambda p=pattern: fs.ls(p, detail=True), f"list {pattern}"
-                    )
-                }
-            for p, e in entries.items():
-                # Skip bookkeeping folders such as _tmp/ and _lineage/ anywhere below.
-                rel = p[len(pattern.rstrip("/")) :]
-                if any(part.startswith(("_", ".")) for part in rel.split("/")[:-1] if part):
-                    continue
-                if e.get("type", "file") == "file" and wanted(p):
-                    found[p] = e
-        elif wanted(pattern) or pattern == path:
-            found[pattern] = info
-    return sorted(found.items())
+            return None
+        # Versions as a listing reports them (a HEAD adds VersionId on versioned buckets,
+        # a listing does not), so a shard's fingerprint does not depend on how it was found.
+        raw = {k: v for k, v in raw.items() if k not in ("VersionId", "version_id")}
+        info = _object_info(self.fs, path, raw)
+        self.files[path] = info
+        return info
+
+
+def is_bookkeeping(rel: str) -> bool:
+    """Names starting with '_' or '.' anywhere in ``rel`` are ours or img2dataset's."""
+    return any(part.startswith(("_", ".")) for part in rel.split("/") if part)
+
+
+def _object_info(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> ObjectInfo:
+    size = info.get("size", info.get("Size"))
+    return ObjectInfo(path=path, version=object_version(fs, path, info), size=size)
+
+
+def _find(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict]:
+    found = with_retries(lambda: fs.find(root, detail=True), f"list {root}")
+    return found if isinstance(found, dict) else {p: fs.info(p) for p in found}
+
+
+def _ls(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, dict]:
+    try:
+        entries = with_retries(lambda: fs.ls(folder, detail=True), f"list {folder}")
+    except FileNotFoundError:
+        return {}
+    return {e["name"].rstrip("/"): e for e in entries}
+
+
+def list_source(fs: fsspec.AbstractFileSystem, url_path: str, url: str | None = None) -> Listing:
+    """List what ``url_path`` (a file, prefix, glob or brace pattern on ``fs``) names.
+
+    Names starting with '_' or '.' below the listed root are bookkeeping and never match.
+    """
+    listing = Listing(url=url or url_path, fs=fs, matches=[])
+    patterns = expand_braces(url_path)
+    matched: dict[str, ObjectInfo] = {}
+    plain: list[str] = []
+    for pattern in patterns:
+        if any(c in pattern for c in _GLOB_CHARS):
+            _match_glob(listing, pattern, matched)
+        else:
+            plain.append(pattern)
+    if len(patterns) > 1:
+        _match_expanded(listing, plain, url_path, matched)
+    elif plain:
+        _match_path(listing, plain[0], matched)
+    listing.matches = [matched[p] for p in sorted(matched)]
+    return listing
+
+
+def _add_tree(listing: Listing, root: str, entries: dict[str, dict], complete: bool) -> None:
+    """Record every file of a (recursive) listing under ``root``."""
+    root = root.rstrip("/")
+    for p, e in entries.items():
+        if e.get("type", "file") != "file":
+            continue
+        p = p.rstrip("/")
+        listing.files[p] = _object_info(listing.fs, p, e)
+        if complete:
+            listing.complete.add(posixpath.dirname(p))
+    if complete:
+        listing.complete.add(root)
+
+
+def _under(root: str, path: str) -> str:
+    root = root.rstrip("/")
+    return path[len(root) :].lstrip("/") if path.startswith(root) else path
+
+
+def _match_glob(listing: Listing, pattern: str, matched: dict[str, ObjectInfo]) -> None:
+    static = pattern[: min(pattern.index(c) for c in _GLOB_CHARS if c in pattern)]
+    root = static.rsplit("/", 1)[0] if "/" in static else ""
+    entries = _find(listing.fs, root) if root else {}
+    listing.requests += 1
+    _add_tree(listing, root, entries, complete=True)
+    regex = re.compile(glob_translate(pattern.rstrip("/")))
+    for p, info in listing.files.items():
+        if regex.match(p) and not is_bookkeeping(_under(root, p)):
+            matched[p] = info
+
+
+def _match_path(listing: Listing, path: str, matched: dict[str, ObjectInfo]) -> None:
+    """A single file or a folder (listed recursively)."""
+    fs = listing.fs
+    try:
+        info = with_retries(lambda: fs.info(path), f"stat {path}")
+    except FileNotFoundError:
+        raise ConfigError(f"source {listing.url!r} does not exist") from None
+    listing.requests += 1
+    if info.get("type") == "directory":
+        entries = _find(fs, path)
+        listing.requests += 1
+        _add_tree(listing, path, entries, complete=True)
+        for p, obj in listing.files.items():
+            if p.startswith(path.rstrip("/") + "/") and not is_bookkeeping(_under(path, p)):
+                matched[p] = obj
+        return
+    obj = _object_info(fs, path.rstrip("/"), info)
+    listing.files[obj.path] = obj
+    matched[obj.path] = obj
+
+
+def _match_expanded(
+    listing: Listing, names: list[str], pattern: str, matched: dict[str, ObjectInfo]
+) -> None:
+    """Brace-expanded names: look each up in one listing per parent folder (or one
+    recursive listing of their common prefix), never with a request per name.
+
+    A name that is a folder matches every file below it (listed recursively).
+    """
+    if not names:
+        return
+    fs = listing.fs
+    names = [n.rstrip("/") for n in names]
+    parents = sorted({posixpath.dirname(n) for n in names})
+    wanted = set(names)
+    folder_names: set[str] = set()
+    if len(parents) <= MAX_FOLDER_LISTINGS:
+        for parent in parents:
+            entries = _ls(fs, parent)
+            listing.requests += 1
+            _add_tree(listing, parent, entries, complete=True)
+            dirs = {p for p, e in entries.items() if e.get("type") == "directory"}
+            if dirs & wanted:  # named folders: one recursive listing of this parent
+                _match_folders(listing, parent, wanted, matched, folder_names)
+    else:
+        root = posixpath.commonpath(parents) if all(parents) else ""
+        _match_folders(listing, root, wanted, matched, folder_names)
+    missing = []
+    for name in names:
+        if name in listing.files:
+            matched.setdefault(name, listing.files[name])
+        elif name not in folder_names:
+            missing.append(name)
+    if missing:
+        raise SourceError(
+            f"{missing[0]} (from brace pattern {pattern}) does not exist"
+            + (f", nor do {len(missing) - 1} more" if len(missing) > 1 else "")
+        )
+
+
+def _match_folders(
+    listing: Listing,
+    root: str,
+    wanted: set[str],
+    matched: dict[str, ObjectInfo],
+    folder_names: set[str],
+) -> None:
+    """One recursive listing of ``root``; files below a folder named in ``wanted`` match."""
+    entries = _find(listing.fs, root)
+    listing.requests += 1
+    _add_tree(listing, root, entries, complete=True)
+    for p, obj in listing.files.items():
+        folder = posixpath.dirname(p)
+        while folder and folder != root:
+            if folder in wanted:
+                folder_names.add(folder)
+                if not is_bookkeeping(_under(folder, p)):
+                    matched[p] = obj
+                break
+            parent = posixpath.dirname(folder)
+            if parent == folder:
+                break
+            folder = parent
+
+
+def filter_suffixes(infos: Iterable[ObjectInfo], suffixes: tuple[str, ...]) -> list[ObjectInfo]:
+    """The infos whose names end with one of ``suffixes`` (case-insensitive); all if empty."""
+    suffixes = tuple(s.lower() for s in suffixes)
+    if not suffixes:
+        return list(infos)
+    return [i for i in infos if i.path.rsplit("/", 1)[-1].lower().endswith(suffixes)]

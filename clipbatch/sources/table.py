@@ -43,10 +43,10 @@ from clipbatch.records import (
 )
 from clipbatch.sources.detect import TABLE_SUFFIXES
 from clipbatch.sources.fetch import Fetcher
-from clipbatch.sources.listing import list_files
+from clipbatch.sources.listing import Listing, filter_suffixes
 from clipbatch.sources.text import caption_from_value
 from clipbatch.sources.webdataset import _check_unique_names, sidecar_name
-from clipbatch.storage import get_fs, is_local, object_version, to_uri, with_retries
+from clipbatch.storage import get_fs, is_local, to_uri, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +82,23 @@ class TableReader:
 
     # -- listing ---------------------------------------------------------------
     def list_shards(self) -> list[ShardSpec]:
-        fs, path = get_fs(self.source.url, self.source.storage)
+        """List the source and make its shards (ad-hoc use; the plan lists once)."""
+        from clipbatch.sources.base import list_source_url
+
+        return self.shards_from(list_source_url(self.source))
+
+    def shards_from(self, listing: Listing) -> list[ShardSpec]:
+        fs = listing.fs
         files = [
-            (p, info)
-            for p, info in list_files(fs, path, TABLE_SUFFIXES, recursive=True)
-            if not p.lower().endswith(".json")  # folder-style sidecars, not tables
+            info
+            for info in filter_suffixes(listing.matches, TABLE_SUFFIXES)
+            if not info.path.lower().endswith(".json")  # folder-style sidecars, not tables
         ]
         shards: list[ShardSpec] = []
-        for p, info in files:
+        for info in files:
+            p = info.path
             uri = to_uri(fs, p)
-            version = object_version(fs, p, info)
+            version = info.version
             base = self.source.image_base_url or uri.rsplit("/", 1)[0]
             stem = _stem(p)
             ranges = self._row_ranges(fs, p) if table_format(p) == "parquet" else None

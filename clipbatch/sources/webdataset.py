@@ -31,9 +31,9 @@ from clipbatch.records import (
     ShardSpec,
 )
 from clipbatch.sources.detect import TAR_SUFFIXES
-from clipbatch.sources.listing import list_files
+from clipbatch.sources.listing import Listing, filter_suffixes
 from clipbatch.sources.text import decode_caption
-from clipbatch.storage import get_fs, object_version, to_uri, with_retries
+from clipbatch.storage import get_fs, to_uri, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -87,33 +87,33 @@ class WebDatasetReader:
 
     # -- listing ---------------------------------------------------------------
     def list_shards(self) -> list[ShardSpec]:
-        fs, path = get_fs(self.source.url, self.source.storage)
-        files = list_files(fs, path, (), recursive=True)
-        by_path = dict(files)
+        """List the source and make its shards (ad-hoc use; the plan lists once)."""
+        from clipbatch.sources.base import list_source_url
+
+        return self.shards_from(list_source_url(self.source))
+
+    def shards_from(self, listing: Listing) -> list[ShardSpec]:
+        """One shard per tar; its sidecar ``NNNNN.parquet`` is found in the same listing
+        (a HEAD only when the tar's folder was not listed, e.g. a single-file source)."""
+        fs = listing.fs
         shards = []
-        for p, info in files:
-            if not p.lower().endswith(TAR_SUFFIXES):
-                continue
-            stem = p.rsplit("/", 1)[-1]
+        for info in filter_suffixes(listing.matches, TAR_SUFFIXES):
+            p = info.path
+            base, _, name = p.rpartition("/")
+            stem = name
             for suffix in TAR_SUFFIXES:
                 if stem.lower().endswith(suffix):
                     stem = stem[: -len(suffix)]
                     break
-            base = p[: -len(p.rsplit("/", 1)[-1])]
-            sidecar = f"{base}{stem}.parquet"
-            if sidecar not in by_path:
-                try:
-                    with_retries(lambda s=sidecar: fs.info(s), f"stat {sidecar}")
-                except FileNotFoundError:
-                    sidecar = None
-            version = object_version(fs, p, info)
+            sidecar = listing.sibling(f"{base}/{stem}.parquet" if base else f"{stem}.parquet")
             shards.append(
                 ShardSpec(
                     uri=to_uri(fs, p),
                     name=stem,
                     kind=self.kind,
-                    version=version,
-                    sidecar_uri=to_uri(fs, sidecar) if sidecar else None,
+                    version=info.version,
+                    sidecar_uri=to_uri(fs, sidecar.path) if sidecar else None,
+                    sidecar_version=sidecar.version if sidecar else None,
                 )
             )
         _check_unique_names(shards)
