@@ -356,7 +356,6 @@ class IndexWriter:
         self.flush_seconds = flush_seconds
         self._pending: list[CommitRecord] = []
         self._first_pending = 0.0
-        self._written: list[pa.Table] = []  # this run's flushed records, for the final merge
         self._parts: list[str] = []
         self.records = 0
         self.bytes_written = 0
@@ -381,17 +380,23 @@ class IndexWriter:
         name = f"part-{self.token}-{len(self._parts):05d}.parquet"
         self._count(write_segment(self.sink, name, table))
         self._parts.append(name)
-        self._written.append(table)
         self._pending = []
 
     def close(self, compact: bool = True) -> None:
         """Flush; merge this run's parts into one segment; compact the index if it is due."""
         self.flush()
         if len(self._parts) > 1:
-            merged = pa.concat_tables(self._written)
+            # Read back rather than held: the flow keeps no record per shard for the run.
+            root = commits_uri(self.sink.url)
+            parts = [
+                read_segment(
+                    self.sink, Segment(path=get_fs(f"{root}/{n}", self.sink.storage)[1], name=n)
+                )
+                for n in self._parts
+            ]
+            merged = pa.concat_tables([t for t in parts if t is not None])
             self._count(write_segment(self.sink, f"run-{self.token}.parquet", merged))
             self._remove(self._parts)
-        self._written = []
         if compact:
             self.compact_if_due()
 

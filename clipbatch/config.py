@@ -3,7 +3,8 @@
 The same :class:`EmbedConfig` is the Prefect flow parameter (the UI renders it as a
 form), loads from YAML, and is built by the CLI. Below the flow each function takes
 only the part it needs. Credentials never live here: they come from the environment
-or an AWS profile named by ``storage.profile`` (Prefect stores parameters in plain text).
+an AWS profile named by ``storage.profile``, or a Prefect block named by
+``storage.credentials_block`` (Prefect stores parameters in plain text).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class _Frozen(BaseModel):
 
 
 class StorageOptions(_Frozen):
-    """How to reach object storage. Secrets come from the environment or a profile."""
+    """How to reach object storage. Secrets come from the environment, a profile or a
+    Prefect block, never from here."""
 
     endpoint_url: str | None = Field(
         None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000 for MinIO."
@@ -61,6 +63,13 @@ class StorageOptions(_Frozen):
     profile: str | None = Field(None, description="AWS profile name from ~/.aws/config.")
     region: str | None = Field(None, description="Object store region.")
     anon: bool = Field(False, description="Anonymous access (public buckets).")
+    credentials_block: str | None = Field(
+        None,
+        description="A Prefect block holding the credentials, by name: a prefect-aws "
+        "AwsCredentials ('aws-credentials/NAME', or just NAME) or MinIOCredentials "
+        "('minio-credentials/NAME'). Loaded where the work runs; only the name is stored.",
+        pattern=r"^([a-z0-9-]+/)?[A-Za-z0-9][A-Za-z0-9_.-]*$",
+    )
     extra: dict[str, Any] = Field(
         default_factory=dict,
         description="Further fsspec options (non-secret), passed through as-is.",
@@ -95,6 +104,15 @@ class StorageOptions(_Frozen):
                 kwargs["profile"] = self.profile
             if self.anon:
                 kwargs["anon"] = True
+            if self.credentials_block:
+                from clipbatch.credentials import lookup
+
+                creds = lookup(self.credentials_block)
+                kwargs.update(creds.s3_kwargs())
+                if creds.endpoint_url and not self.endpoint_url:
+                    kwargs["endpoint_url"] = creds.endpoint_url
+                if creds.region and not self.region:
+                    client_kwargs["region_name"] = creds.region
             if client_kwargs:
                 kwargs["client_kwargs"] = client_kwargs
         elif self.anon:
@@ -135,7 +153,9 @@ class SourceConfig(_Frozen):
         "caption", description="Caption column (table sources); null for an image-only table."
     )
     key_column: str | None = Field(
-        None, description="Key column (table sources); without it the key is {shard}/{row}."
+        None,
+        description="Key column (table sources); by default a column named 'key' when the "
+        "table has one, else the key is {shard}/{row}.",
     )
     image_base_url: str | None = Field(
         None,
@@ -163,7 +183,29 @@ class SourceConfig(_Frozen):
     fetch_max_bytes: int = Field(
         64 * 1024 * 1024, ge=1, description="Fetched images larger than this are 'too_large'."
     )
+    allow_networks: tuple[str, ...] = Field(
+        (),
+        description="Networks (CIDR) that image URLs may reach besides the public internet, "
+        "e.g. ['10.20.0.0/16'] for an internal image store. Loopback, link-local (cloud "
+        "metadata), private and reserved addresses are refused by default: such rows get "
+        "the status 'blocked_url'.",
+    )
     storage: StorageOptions = Field(default_factory=StorageOptions)
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from clipbatch.sources.netguard import parse_networks
+
+        for i, entry in enumerate(value):
+            try:
+                parse_networks([entry])
+            except ValueError:
+                # Not echoed: validation errors never repeat input values.
+                raise ValueError(
+                    f"allow_networks entry {i} is not a network; use CIDR, e.g. 10.20.0.0/16"
+                ) from None
+        return value
 
 
 class ModelConfig(_Frozen):
@@ -185,12 +227,12 @@ class ModelConfig(_Frozen):
         pattern=r"^[0-9a-f]{64}$",
     )
     max_caption_tokens: int | None = Field(
-        77,
+        None,
         ge=2,
-        le=77,
+        le=4096,
         description="Captions are tokenised and truncated to this many tokens, clamped to the "
-        "model's context length (77 for CLIP, 64 for SigLIP), so the default is the model's "
-        "own limit; null means the context length itself.",
+        "model's context length (77 for CLIP, 64 for SigLIP). Empty (the default): the "
+        "model's own context length. The value in effect is in each file's metadata.",
     )
     storage: StorageOptions = Field(default_factory=StorageOptions)
 

@@ -50,6 +50,7 @@ READER_OPTIONS = (
     "key_column",
     "image_base_url",
     "fetch_max_bytes",
+    "allow_networks",
 )
 # Every SourceConfig field formula 1 hashed, frozen: fields added later must not change it.
 FORMULA1_SOURCE_FIELDS = (
@@ -157,7 +158,7 @@ def formula1_fingerprint(
     source_options = {k: _json(getattr(config.source, k)) for k in FORMULA1_SOURCE_FIELDS}
     if kind is not None:
         source_options["kind"] = kind
-    tokens = config.model.max_caption_tokens or OPENAI_CONTEXT
+    tokens = min(config.model.max_caption_tokens or OPENAI_CONTEXT, OPENAI_CONTEXT)
     payload = {
         "source_uri": shard.uri,
         "source_version": shard.version,

@@ -149,6 +149,10 @@ class DevicePool:
             raise value
         return value
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         if self._closed:
             return
@@ -169,9 +173,12 @@ def _run_shard_on(
     run_id: str,
     fingerprint: str,
     run_meta: dict[str, Any],
+    credentials: dict[str, Any] | None = None,
 ) -> ShardResult:
+    from clipbatch.credentials import install
     from clipbatch.runner import run_shard
 
+    install(credentials or {})
     runtime = config.runtime.model_copy(update={"device": device, "devices": ()})
     return run_shard(shard, config.model_copy(update={"runtime": runtime}), run_id, fingerprint, {
         **run_meta, "device": device, "worker_pid": os.getpid(),
@@ -187,7 +194,7 @@ def device_pool(devices: Sequence[str]) -> DevicePool:
     resolved = tuple(resolve_devices(devices))
     with _pools_lock:
         pool = _pools.get(resolved)
-        if pool is None:
+        if pool is None or pool.closed:
             pool = _pools[resolved] = DevicePool(resolved, _run_shard_on)
             log.info("started %d device worker(s): %s", len(resolved), ", ".join(resolved))
         return pool
@@ -205,8 +212,11 @@ def run_shard_on_devices(
         from clipbatch.runner import run_shard
 
         return run_shard(shard, config, run_id, fingerprint, run_meta)
+    from clipbatch.credentials import registered
+
     pool = device_pool(config.runtime.devices)
-    return pool.run(shard, config, run_id, fingerprint, dict(run_meta or {}))
+    # Credentials loaded from a Prefect block travel to the worker process in memory.
+    return pool.run(shard, config, run_id, fingerprint, dict(run_meta or {}), registered())
 
 
 @atexit.register

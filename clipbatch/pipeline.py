@@ -145,6 +145,8 @@ def process_shard(shard: ShardSpec, ctx: ShardContext, fingerprint: str) -> Shar
         ctx.reader.passthrough_fields(shard),
         shard.uri,
         shard.version,
+        metadata=file_metadata(shard, ctx),
+        fingerprint=fingerprint,
     )
     skips = SkipLogger(log, shard.name)
     if opts.mode == "gpu" and not gpu_decode_available(str(ctx.encoder.device)):
@@ -183,8 +185,7 @@ def process_shard(shard: ShardSpec, ctx: ShardContext, fingerprint: str) -> Shar
         for w in writes:
             w.result()
         t0 = time.perf_counter()
-        meta = file_metadata(shard, ctx)
-        final_uri, sha, version = writer.close_and_commit(meta, fingerprint)
+        final_uri, sha, version = writer.close_and_commit()
         timings.write += time.perf_counter() - t0
     except BaseException:
         stop.set()

@@ -38,6 +38,7 @@ from clipbatch.model import ResolvedCheckpoint, resolve_checkpoint
 from clipbatch.records import ShardResult, ShardSpec
 from clipbatch.sink import output_uri, read_file_metadata
 from clipbatch.sources import discover
+from clipbatch.storage import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ def plan_shards(
 ) -> RunPlan:
     import torch
 
+    check_writable(config.sink.url, config.sink.storage)
     checkpoint = resolve_checkpoint(config.model)
     stats = PlanStats()
     if shards is None:

@@ -28,6 +28,7 @@ from clipbatch.commits import (
 )
 from clipbatch.config import ModelConfig, SinkConfig, StorageOptions
 from clipbatch.errors import ClipbatchError, ConfigError
+from clipbatch.records import VECTOR_KEEP_RULES
 from clipbatch.storage import get_fs, with_retries
 from clipbatch.table import decode_metadata
 
@@ -334,7 +335,7 @@ def _validate_file(
             dups[key] += 1
         else:
             seen[key] = name
-    status_ok = np.asarray([s == "ok" for s in data.column("status").to_pylist()], bool)
+    statuses = data.column("status").to_pylist()
     mats = {}
     for column in ("image_embedding", "text_embedding"):
         if column not in data.column_names:
@@ -354,10 +355,18 @@ def _validate_file(
             )
         mat, valid = embedding_matrix(data.column(column))
         mats[column] = (mat, valid)
-        failed_with_vectors = int((valid & ~status_ok).sum())
+        # The keep rule of records.py: a caption problem keeps the image vector, an image
+        # problem the text vector; any other failure has none.
+        keep = VECTOR_KEEP_RULES[column]
+        allowed = np.asarray([keep(s) for s in statuses], bool)
+        failed_with_vectors = int((valid & ~allowed).sum())
         if failed_with_vectors:
+            kinds = sorted(
+                {s for s, v, a in zip(statuses, valid, allowed, strict=True) if v and not a}
+            )
             report.problems.append(
-                f"{name}: {failed_with_vectors} failed rows carry an {column} vector"
+                f"{name}: {failed_with_vectors} failed rows carry an {column} vector "
+                f"their status does not allow ({', '.join(kinds)})"
             )
         if valid.any():
             norms = np.linalg.norm(mat[valid], axis=1)
@@ -377,7 +386,12 @@ def _validate_file(
     if len(mats) == 2 and "similarity" in data.column_names:
         (img, iv), (txt, tv) = mats["image_embedding"], mats["text_embedding"]
         both = iv & tv
-        sim = np.asarray(data.column("similarity").to_numpy(zero_copy_only=False), np.float32)
+        sim_col = data.column("similarity")
+        has_sim = np.asarray(sim_col.is_valid().to_numpy(zero_copy_only=False), bool)
+        orphans = int((has_sim & ~both).sum())
+        if orphans:
+            report.problems.append(f"{name}: {orphans} rows have a similarity but not both vectors")
+        sim = np.asarray(sim_col.to_numpy(zero_copy_only=False), np.float32)
         expected = np.sum(normalize_rows(img) * normalize_rows(txt), axis=1)
         off = int((np.abs(sim[both] - expected[both]) > SIMILARITY_TOLERANCE).sum())
         if off:

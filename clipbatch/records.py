@@ -28,13 +28,29 @@ SHARD_DAMAGED = "shard_damaged"
 ENCODE_ERROR = "encode_error"
 NOT_FOUND = "not_found"  # a referenced object or URL does not exist (missing key, HTTP 404/410)
 BAD_ROW = "bad_row"  # a table row that cannot be parsed (malformed JSONL line, ragged CSV row)
+BLOCKED_URL = "blocked_url"  # an image URL that resolves to a network the fetcher may not reach
 
 # A row with a caption problem still carries its image embedding, and a row with an
 # image problem still carries its text embedding: the status says what is missing.
+# The pipeline, the writer and `clipbatch inspect` all take the rule from here.
 IMAGE_KEEPING_STATUSES = frozenset({OK, MISSING_CAPTION, EMPTY_CAPTION, CAPTION_DECODE_ERROR})
 CAPTION_KEEPING_STATUSES = frozenset(
-    {MISSING_IMAGE, DECODE_ERROR, TOO_LARGE, FETCH_ERROR, NOT_FOUND}
+    {MISSING_IMAGE, DECODE_ERROR, TOO_LARGE, FETCH_ERROR, NOT_FOUND, BLOCKED_URL}
 )
+
+
+def may_keep_image(status: str) -> bool:
+    """Whether a row with ``status`` may carry an image embedding."""
+    return status in IMAGE_KEEPING_STATUSES
+
+
+def may_keep_caption(status: str) -> bool:
+    """Whether a row with ``status`` may carry a text embedding."""
+    return status == OK or status in CAPTION_KEEPING_STATUSES
+
+
+# column -> the rule for whether a row's status allows a vector there
+VECTOR_KEEP_RULES = {"image_embedding": may_keep_image, "text_embedding": may_keep_caption}
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,11 +88,11 @@ class RawSample:
 
     def keeps_image(self) -> bool:
         """Whether this row still gets an image embedding despite its status."""
-        return self.status in IMAGE_KEEPING_STATUSES
+        return may_keep_image(self.status)
 
     def keeps_caption(self) -> bool:
         """Whether this row still gets a text embedding despite its status."""
-        return self.status == OK or self.status in CAPTION_KEEPING_STATUSES
+        return may_keep_caption(self.status)
 
 
 @dataclass

@@ -90,12 +90,22 @@ class ShardWriter:
         passthrough: list[pa.Field],
         source_uri: str,
         source_version: str,
+        metadata: dict[str, Any] | None = None,
+        fingerprint: str = "",
     ) -> None:
         self.sink = sink
         self.name = name
         self.run_id = run_id
         self.dim = dim
-        self.schema = build_schema(dim, sink.dtype, passthrough)
+        self.fingerprint = fingerprint
+        # Lineage known at open (model, checkpoint, preprocessing, dtype, fingerprint,
+        # source) goes into the Arrow schema, so pyarrow's read_schema/read_table, pandas
+        # and Hugging Face datasets see it; the footer gets it again at close, with the
+        # row counts known only then (pq.read_metadata, DuckDB's parquet_kv_metadata).
+        self.metadata = {**(metadata or {}), "fingerprint": fingerprint}
+        self.schema = build_schema(dim, sink.dtype, passthrough).with_metadata(
+            encode_metadata(self.metadata)
+        )
         self.passthrough = [f for f in self.schema if f.name in {p.name for p in passthrough}]
         self.source_uri = source_uri
         self.source_version = source_version
@@ -174,18 +184,19 @@ class ShardWriter:
         return pa.array(sim.astype(np.float32), mask=~both)
 
     # -- committing ------------------------------------------------------------
-    def close_and_commit(self, metadata: dict[str, Any], fingerprint: str) -> tuple[str, str, str]:
+    def close_and_commit(self) -> tuple[str, str, str]:
         """Finish the file, stage, verify and move it.
 
         Returns (final uri, file sha256, file version): the version is what a listing of
         ``dest`` reports for the file (its ETag, or size+mtime locally), which the commit
         index records so that a record can only ever describe this very file.
         """
+        fingerprint = self.fingerprint
         metadata = {
-            **metadata,
-            "fingerprint": fingerprint,
+            **self.metadata,
             "rows": self.rows,
             "counts": dict(self.counts),
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         self._writer.add_key_value_metadata(encode_metadata(metadata))
         self._writer.close()

@@ -120,6 +120,28 @@ def object_version(
     return f"size:{info.get('size')}:mtime:{mtime}"
 
 
+def check_writable(url: str, storage: StorageOptions | None = None) -> None:
+    """Fail fast, naming the path, when a local destination cannot be written.
+
+    Object stores say so on the first write (a permission error is not retried).
+    """
+    if not is_local(url):
+        return
+    _, path = get_fs(url, storage)
+    probe = os.path.join(path, f".clipbatch-write-test-{uuid.uuid4().hex[:8]}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        where = e.filename or path
+        raise ConfigError(
+            f"destination {url!r} is not writable ({where}: {e.strerror or e}); choose "
+            "another --dest, or one this user may write"
+        ) from e
+
+
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
     return with_retries(lambda: fs.cat_file(path), f"read {path}")
 

@@ -28,7 +28,9 @@ from clipbatch.plan import ShardSlice, commit_record, plan_shards
 from clipbatch.records import ShardResult, ShardSpec
 from clipbatch.runner import failed_result
 from clipbatch.sink import clean_staging
+from clipbatch.storage import check_writable
 from clipbatch.summary import RunFailedError, RunSummary
+from flows.credentials import load_credentials
 from flows.observers import make_observers
 from flows.params import resolve_config
 from flows.partitions import scheduled_start_time
@@ -101,10 +103,12 @@ def embed_dataset(
         scheduled_start_time(),
     )
     config = run.config
+    load_credentials(config)  # Prefect blocks named by storage.credentials_block, in memory
     if run.partition:
         logger.info("partition %s: %s -> %s", run.partition, config.source.url, config.sink.url)
     meta = current_run_meta()
     run_id = meta["flow_run_id"] or uuid.uuid4().hex
+    check_writable(config.sink.url, config.sink.storage)  # before anything touches dest
     removed = clean_staging(config.sink)
     if removed:
         logger.info("removed %d stale staging folder(s) under %s/_tmp", removed, config.sink.url)

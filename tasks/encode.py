@@ -32,6 +32,7 @@ from clipbatch.multigpu import run_shard_on_devices
 from clipbatch.records import ShardResult, ShardSpec
 from clipbatch.runner import committed_result, failed_result
 from clipbatch.sink import output_uri
+from flows.credentials import load_credentials
 
 
 def retry_on_transient(task: Task, task_run: TaskRun, state: State) -> bool:
@@ -66,6 +67,7 @@ def encode_shards(
     run_meta: dict[str, Any],
 ) -> list[ShardResult]:
     logger = get_run_logger()
+    load_credentials(config)  # this process may be a Dask or Ray worker: load blocks here
     retry = (task_run.get_run_count() or 1) > 1
     results: list[ShardResult] = []
     for shard, fingerprint in zip(shards, fingerprints, strict=True):

@@ -49,9 +49,23 @@ def events(flow_run_id: str, prefixes: list[str], expect: int, timeout_s: float 
     return found
 
 
-def logs(flow_run_id: str) -> list[str]:
-    with get_client(sync_client=True) as client:
-        rows = client.read_logs(
-            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200
-        )
-    return [r.message for r in rows]
+def logs(flow_run_id: str, until: str, timeout_s: float = 30.0) -> list[str]:
+    """The flow run's log messages, once one containing ``until`` has arrived.
+
+    Logs reach the server in batches from a background worker, after the run returns:
+    reading them at once can find none (the flake this replaces). Poll for the message
+    the run logs last instead; raise if it never comes.
+    """
+    deadline = time.monotonic() + timeout_s
+    messages: list[str] = []
+    while time.monotonic() < deadline:
+        with get_client(sync_client=True) as client:
+            rows = client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                limit=200,
+            )
+        messages = [r.message for r in rows]
+        if any(until in m for m in messages):
+            return messages
+        time.sleep(0.2)
+    raise AssertionError(f"no log containing {until!r} within {timeout_s}s: {messages[-5:]}")

@@ -193,6 +193,14 @@ def test_webdataset_bad_inputs_and_error_ratio(
     table, files = read_table(dest, s3_endpoint)
     assert files == ["00000.parquet", "00001.parquet"]
     check_rows(table.to_pylist(), expected, clip_ref)
+    assert_inspect_consistent(dest, s3_endpoint)
+
+
+def assert_inspect_consistent(dest: str, endpoint: str) -> None:
+    """`clipbatch inspect` accepts a table full of bad rows: their kept vectors are by rule."""
+    from clipbatch.cli.main import main as cli
+
+    assert cli(["inspect", dest, "--endpoint-url", endpoint]) == 0
 
 
 def test_folder_bad_inputs(prefect_harness, tmp_path, s3_bucket, s3_endpoint, clip_ref):
@@ -209,6 +217,7 @@ def test_folder_bad_inputs(prefect_harness, tmp_path, s3_bucket, s3_endpoint, cl
     rows = table.to_pylist()
     check_rows(rows, expected, clip_ref)
     assert {r["source_uri"] for r in rows} == {source}
+    assert_inspect_consistent(dest, s3_endpoint)
 
 
 def test_table_bad_inputs(prefect_harness, tmp_path, s3_bucket, s3_endpoint, http_root, clip_ref):
@@ -228,6 +237,7 @@ def test_table_bad_inputs(prefect_harness, tmp_path, s3_bucket, s3_endpoint, htt
             "table_shard_rows": 6,
             "fetch_timeout_s": 0.5,
             "fetch_retries": 1,
+            "allow_networks": ["127.0.0.1/32"],  # the corpus's URLs are on loopback
         },
         dest,
         s3_endpoint,
@@ -257,6 +267,7 @@ def test_table_bad_inputs(prefect_harness, tmp_path, s3_bucket, s3_endpoint, htt
     manifest_schema = pq.read_schema(f"{path}/manifest.parquet", filesystem=fs)
     assert manifest_schema.field("note").type == pa.string()
     assert manifest_schema.field("image").type == pa.string()
+    assert_inspect_consistent(dest, s3_endpoint)
 
 
 def test_image_only_and_caption_only(prefect_harness, tmp_path, s3_bucket, s3_endpoint, clip_ref):

@@ -210,3 +210,30 @@ def test_demo_answers_text_queries_from_its_table(
         assert repr(query) in section
         for hit in top:
             assert f"{hit.score:+.3f}  {hit.key}  {hit.caption}" in section
+
+
+def test_inspect_applies_the_keep_rule_per_column(
+    copy_of: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A caption problem keeps the image vector (fine) but not the text vector (flagged);
+    a similarity without both vectors is flagged too."""
+
+    def caption_problem(table):
+        status = table.column("status").to_pylist()
+        status[0] = "missing_caption"
+        idx = table.schema.get_field_index("status")
+        table = table.set_column(idx, table.schema.field("status"), [status])
+        img = table.column("image_embedding").combine_chunks()
+        nulls = pa.array([i == 1 for i in range(table.num_rows)])
+        values = img.values
+        masked = pa.FixedSizeListArray.from_arrays(values, img.type.list_size, mask=nulls)
+        return table.set_column(
+            table.schema.get_field_index("image_embedding"), "image_embedding", masked
+        )
+
+    rewrite(copy_of / "00001.parquet", caption_problem)
+    assert main(["inspect", str(copy_of)]) == INCONSISTENT
+    out = capsys.readouterr().out
+    assert "1 failed rows carry an text_embedding vector" in out and "missing_caption" in out
+    assert "image_embedding vector" not in out  # missing_caption may keep its image vector
+    assert "00001.parquet: 1 rows have a similarity but not both vectors" in out

@@ -15,7 +15,7 @@ def test_yaml_and_flags_agree(tmp_path):
     yaml_file.write_text(
         "source: s3://bucket/laion/\n"
         "dest: s3://bucket/emb/\n"
-        "model: ViT-B/32\n"
+        "model: {name: ViT-B/32, max_caption_tokens: 77}\n"
         "runtime: {device: auto, batch_size: 256}\n"
     )
     from_yaml = load_config(yaml_file)
@@ -32,10 +32,19 @@ def test_yaml_and_flags_agree(tmp_path):
             "auto",
             "--batch-size",
             "256",
+            "--set",
+            "model.max_caption_tokens=77",
         ]
     )
     assert config_from_args(args) == from_yaml
     assert from_yaml.model.max_caption_tokens == 77  # the services' caption limit, from config
+    # Unset, the limit is the model family's own context length (77 for CLIP, 64 for SigLIP).
+    assert (
+        EmbedConfig.model_validate(
+            {"source": "s3://b/x/", "dest": "s3://b/y/"}
+        ).model.max_caption_tokens
+        is None
+    )
     # Flags override the file.
     args = build_parser().parse_args(
         ["run", "--config", str(yaml_file), "--batch-size", "32", "--set", "sink.dtype=float32"]
@@ -49,7 +58,7 @@ def test_invalid_values_fail_with_a_readable_message():
     with pytest.raises(ConfigError, match="batch_size"):
         build_config({"source": "x", "dest": "y", "runtime": {"batch_size": 0}})
     with pytest.raises(ConfigError, match="max_caption_tokens"):
-        build_config({"source": "x", "dest": "y", "model": {"max_caption_tokens": 100}})
+        build_config({"source": "x", "dest": "y", "model": {"max_caption_tokens": 1}})
     with pytest.raises(ConfigError, match="look like credentials"):
         build_config(
             {"source": {"url": "s3://b/", "storage": {"extra": {"secret": "s"}}}, "dest": "y"}

@@ -134,7 +134,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iterato
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("PREFECT_") and k != "CLIPBATCH_HOME"
+    }
     env.update(
         PREFECT_HOME=str(home),
         PREFECT_API_URL=api,
@@ -145,9 +149,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iterato
         PREFECT_WORKER_QUERY_SECONDS="1",
         PREFECT_WORKER_PREFETCH_SECONDS="1",
         PREFECT_LOGGING_LEVEL="INFO",
-        # What the flow-run processes read: the code directory for the pull step, and
-        # the object store. Credentials come from conftest's environment (moto's).
-        CLIPBATCH_HOME=str(ROOT),
+        # What the flow-run processes read: the object store. Credentials come from
+        # conftest's environment (moto's). CLIPBATCH_HOME is left unset on purpose: the
+        # pull step finds the code beside the installed package, as for a local worker.
         AWS_ENDPOINT_URL_S3=s3_endpoint,
         PYTHONPATH=str(ROOT),
     )

@@ -200,7 +200,8 @@ def test_no_secret_anywhere_a_run_writes(
     assert events
     for i, event in enumerate(events):
         written[f"event:{i}"] = event.model_dump_json()
-    written["prefect-logs"] = "\n".join(prefect_readback.logs(run_id))
+    # The flow's last log line ("done: ...") proves its logs have all arrived.
+    written["prefect-logs"] = "\n".join(prefect_readback.logs(run_id, until="done: "))
     written["captured-logs"] = "\n".join(captured_logs.lines)
     from prefect import get_client
 

@@ -56,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     except ClipbatchError as e:
         print(f"clipbatch: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.filename is None:
+            raise
+        # A local path this user cannot write (or read): say which, not a traceback.
+        where = e.filename2 if e.filename2 is not None else e.filename
+        print(f"clipbatch: error: {where}: {e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("clipbatch: interrupted; committed shards are kept, rerun to resume", file=sys.stderr)
         return 130

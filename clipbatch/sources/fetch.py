@@ -1,7 +1,8 @@
 """Fetch referenced images concurrently: http(s) URLs and fsspec objects (s3://, paths).
 
 Used by the table and folder readers. A fetch never raises for a bad reference: it
-returns a row status. Transient failures (timeouts, connection resets, HTTP 408/429/5xx,
+returns a row status. URLs reach public addresses only, unless ``allow_networks`` names
+more (:mod:`clipbatch.sources.netguard`); a refused one is ``blocked_url``. Transient failures (timeouts, connection resets, HTTP 408/429/5xx,
 throttling) are retried a bounded number of times with jittered backoff; a missing
 object or an HTTP 404/410 is ``not_found`` at once; everything else is ``fetch_error``.
 """
@@ -22,7 +23,8 @@ from typing import TypeVar
 
 from clipbatch.config import SourceConfig
 from clipbatch.errors import ConfigError, is_transient
-from clipbatch.records import FETCH_ERROR, NOT_FOUND, TOO_LARGE
+from clipbatch.records import BLOCKED_URL, FETCH_ERROR, NOT_FOUND, TOO_LARGE
+from clipbatch.sources.netguard import AddressPolicy, BlockedAddressError, guarded_opener
 from clipbatch.storage import get_fs
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,8 @@ class Fetcher:
         self.retries = source.fetch_retries
         self.max_bytes = source.fetch_max_bytes
         self.concurrency = source.fetch_concurrency
+        # Every connection, redirects included, to public addresses or allow_networks only.
+        self.opener = guarded_opener(AddressPolicy.of(source.allow_networks))
 
     def fetch_many(self, refs: Iterable[str | None]) -> Iterator[Fetched | None]:
         """Results in the order of ``refs``; ``None`` in, ``None`` out."""
@@ -110,6 +114,8 @@ class Fetcher:
                 return Fetched(status=NOT_FOUND, error=f"{ref}: {e}")
             except _TooBig as e:
                 return Fetched(status=TOO_LARGE, error=f"{ref}: {e}")
+            except BlockedAddressError as e:
+                return Fetched(status=BLOCKED_URL, error=f"{ref}: {e}")
             except ConfigError as e:
                 return Fetched(status=FETCH_ERROR, error=f"{ref}: {e}")
             except Exception as e:  # noqa: BLE001 - every failure becomes a row status
@@ -138,11 +144,15 @@ class Fetcher:
     def _get_url(self, url: str) -> bytes:
         request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with self.opener.open(request, timeout=self.timeout) as response:
                 data = response.read(self.max_bytes + 1)
         except urllib.error.HTTPError as e:
             if e.code in (404, 410):
                 raise _NotFound(f"HTTP {e.code} {e.reason}") from e
+            raise
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, BlockedAddressError):
+                raise e.reason from None
             raise
         if len(data) > self.max_bytes:
             raise _TooBig(f"more than fetch_max_bytes {self.max_bytes:,} bytes")

@@ -110,9 +110,46 @@ def _object_info(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> Object
     return ObjectInfo(path=path, version=object_version(fs, path, info), size=size)
 
 
-def _find(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict]:
+def _find(
+    fs: fsspec.AbstractFileSystem, root: str
+) -> dict[str, dict] | Iterable[tuple[str, ObjectInfo]]:
+    """Every file under ``root``, recursively: (path, info) pairs.
+
+    On S3 the pages are consumed one at a time (s3fs's page iterator), so a listing of
+    230,000 keys never holds 230,000 full info dicts at once; elsewhere ``fs.find``.
+    """
+    pages = _s3_pages(fs, root)
+    if pages is not None:
+        return with_retries(lambda: list(pages()), f"list {root}")
     found = with_retries(lambda: fs.find(root, detail=True), f"list {root}")
     return found if isinstance(found, dict) else {p: fs.info(p) for p in found}
+
+
+def _s3_pages(fs: fsspec.AbstractFileSystem, root: str):
+    """A function listing ``root`` on S3 page by page into compact pairs, or None."""
+    iterdir = getattr(fs, "_iterdir", None)
+    if iterdir is None or "s3" not in (
+        fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    ):
+        return None
+    from fsspec.asyn import sync
+
+    bucket, key, _ = fs.split_path(root)
+    prefix = f"{key.rstrip('/')}/" if key else ""
+
+    def pages() -> list[tuple[str, ObjectInfo]]:
+        async def collect() -> list[tuple[str, ObjectInfo]]:
+            out = []
+            async for info in iterdir(bucket, delimiter="", prefix=prefix):
+                name = info["name"]
+                if info.get("type") == "file" and not name.endswith("/"):
+                    # Reduced at once: the store's full answer is not kept.
+                    out.append((name, _object_info(fs, name, info)))
+            return out
+
+        return sync(fs.loop, collect)
+
+    return pages
 
 
 def _ls(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, dict]:
@@ -145,14 +182,22 @@ def list_source(fs: fsspec.AbstractFileSystem, url_path: str, url: str | None = 
     return listing
 
 
-def _add_tree(listing: Listing, root: str, entries: dict[str, dict], complete: bool) -> None:
+def _add_tree(
+    listing: Listing,
+    root: str,
+    entries: dict[str, dict] | Iterable[tuple[str, ObjectInfo]],
+    complete: bool,
+) -> None:
     """Record every file of a (recursive) listing under ``root``."""
     root = root.rstrip("/")
-    for p, e in entries.items():
-        if e.get("type", "file") != "file":
+    for p, e in entries.items() if isinstance(entries, dict) else entries:
+        if isinstance(e, ObjectInfo):
+            listing.files[p] = e
+        elif e.get("type", "file") != "file":
             continue
-        p = p.rstrip("/")
-        listing.files[p] = _object_info(listing.fs, p, e)
+        else:
+            p = p.rstrip("/")
+            listing.files[p] = _object_info(listing.fs, p, e)
         if complete:
             listing.complete.add(posixpath.dirname(p))
     if complete:

@@ -7,7 +7,8 @@ groups of it (``{stem}-00000``, ``{stem}-00001``, ...). Each row has:
   folder), an s3:// or other fsspec URI, an http(s):// URL, raw bytes, or the Hugging
   Face ``{bytes, path}`` struct. Referenced images are fetched concurrently, with
   timeouts and retries (:mod:`clipbatch.sources.fetch`); a failed fetch is a row status;
-- a caption column; an optional key column (else the key is ``{shard}/{row}``);
+- a caption column; an optional key column (``source.key_column``, else a column named
+  ``key`` when the table has one, else the key is ``{shard}/{row}``);
 - passthrough columns. Parquet keeps its column types. CSV and JSONL have no schema
   to keep stable across files, so their passthrough columns are strings (nested JSON
   values as JSON text): every output file of a dataset then has the same schema.
@@ -51,6 +52,8 @@ from clipbatch.storage import get_fs, is_local, to_uri, with_retries
 log = logging.getLogger(__name__)
 
 _BATCH_ROWS = 256
+# The key when source.key_column is not set and the table has a column of this name.
+DEFAULT_KEY_COLUMN = "key"
 
 
 def table_format(path: str) -> str:
@@ -79,6 +82,7 @@ class TableReader:
         self.source = source
         self.fetcher = Fetcher(source)
         self._text_rows: dict[str, tuple[list[str], list[dict[str, Any] | str]]] = {}
+        self._schemas: dict[str, pa.Schema] = {}
 
     # -- listing ---------------------------------------------------------------
     def list_shards(self) -> list[ShardSpec]:
@@ -136,15 +140,33 @@ class TableReader:
         return ranges
 
     # -- schema ----------------------------------------------------------------
-    def _consumed(self) -> set[str]:
-        return {c for c in (self.source.caption_column, self.source.key_column) if c}
+    def _parquet_schema(self, shard: ShardSpec) -> pa.Schema:
+        if shard.uri not in self._schemas:
+            fs, path = get_fs(shard.uri, self.source.storage)
+            self._schemas[shard.uri] = with_retries(
+                lambda: pq.read_schema(path, filesystem=fs), f"read {path}"
+            )
+        return self._schemas[shard.uri]
+
+    def _column_names(self, shard: ShardSpec) -> list[str]:
+        if table_format(shard.uri) == "parquet":
+            return list(self._parquet_schema(shard).names)
+        return list(self._text_table(shard)[0])
+
+    def key_column(self, shard: ShardSpec) -> str | None:
+        """``source.key_column``, else a column named ``key`` when the table has one."""
+        if self.source.key_column:
+            return self.source.key_column
+        return DEFAULT_KEY_COLUMN if DEFAULT_KEY_COLUMN in self._column_names(shard) else None
+
+    def _consumed(self, shard: ShardSpec) -> set[str]:
+        return {c for c in (self.source.caption_column, self.key_column(shard)) if c}
 
     def passthrough_fields(self, shard: ShardSpec) -> list[pa.Field]:
-        consumed = self._consumed()
+        consumed = self._consumed(shard)
         image_col = self.source.image_column
         if table_format(shard.uri) == "parquet":
-            fs, path = get_fs(shard.uri, self.source.storage)
-            schema = with_retries(lambda: pq.read_schema(path, filesystem=fs), f"read {path}")
+            schema = self._parquet_schema(shard)
             fields = []
             for f in schema:
                 if f.name in consumed or f.name.startswith("__"):
@@ -172,9 +194,7 @@ class TableReader:
 
     def _check_columns(self, shard: ShardSpec) -> None:
         if table_format(shard.uri) == "parquet":
-            fs, path = get_fs(shard.uri, self.source.storage)
-            schema = with_retries(lambda: pq.read_schema(path, filesystem=fs), f"read {path}")
-            names = set(schema.names)
+            names = set(self._parquet_schema(shard).names)
         else:
             names = set(self._text_table(shard)[0])
             if table_format(shard.uri) == "jsonl":
@@ -251,13 +271,15 @@ class TableReader:
                 ),
                 None,
             )
-        key_value = row.get(src.key_column) if src.key_column else None
+        key_column = self.key_column(shard)
+        key_value = row.get(key_column) if key_column else None
         base_key = default_key if key_value in (None, "") else str(key_value)
         key, count = _dedupe(base_key, seen)
+        consumed = self._consumed(shard)
         extra = {
             sidecar_name(k): _passthrough(v, shard)
             for k, v in row.items()
-            if k not in self._consumed() and not (k == src.image_column and not isinstance(v, str))
+            if k not in consumed and not (k == src.image_column and not isinstance(v, str))
         }
         sample = RawSample(
             key=key,
