@@ -107,9 +107,9 @@ class Row:
 def run_pipeline(config_raw: dict[str, Any]) -> tuple[float, int]:
     """Encode every shard of ``config_raw`` in this process (no Prefect); (seconds, rows)."""
     from clipbatch.config import build_config
-    from clipbatch.pipeline import process_shard
-    from clipbatch.plan import plan_shards
-    from clipbatch.runner import shard_context
+    from clipbatch.pipeline.shard import process_shard
+    from clipbatch.pipeline.worker import shard_context
+    from clipbatch.plan.planner import plan_shards
 
     plan = plan_shards(build_config(config_raw))
     assert plan.config is not None

@@ -144,7 +144,7 @@ def family_encode_only(model_name: str, batch: int) -> dict[str, float]:
     tokenizers pad to the context; SigLIP pads to 64).
     """
     from clipbatch.config import ModelConfig
-    from clipbatch.model import load_model
+    from clipbatch.models.loading import load_model
 
     loaded = load_model(ModelConfig(name=model_name), "cpu")
     height, width = loaded.image_preprocess.size
@@ -217,10 +217,10 @@ def family_fidelity(model_name: str, label: str, count: int) -> dict[str, Any]:
     """Cosine of our exact, fast and gpu-path image embeddings to the family's own reference
     (its own transform, then the stock image tower), per image."""
     from clipbatch.config import ModelConfig
-    from clipbatch.decode import DecodeOptions, decode_to_pixels
-    from clipbatch.encode import ClipEncoder
-    from clipbatch.model import load_model
-    from clipbatch.preprocess import decode_jpegs_on_device
+    from clipbatch.encode.encoder import ClipEncoder
+    from clipbatch.models.loading import load_model
+    from clipbatch.preprocess.decode import DecodeOptions, decode_to_pixels
+    from clipbatch.preprocess.resize import decode_jpegs_on_device
 
     loaded = load_model(ModelConfig(name=model_name), "cpu")
     enc = ClipEncoder(loaded, batch_size=count)
@@ -246,8 +246,8 @@ def family_fidelity(model_name: str, label: str, count: int) -> dict[str, Any]:
 def text_rate(model_name: str, batch: int) -> dict[str, float]:
     """Captions/s through clipbatch's text path (tokenise + encode, the family's padding)."""
     from clipbatch.config import ModelConfig
-    from clipbatch.encode import ClipEncoder
-    from clipbatch.model import load_model
+    from clipbatch.encode.encoder import ClipEncoder
+    from clipbatch.models.loading import load_model
 
     loaded = load_model(ModelConfig(name=model_name), "cpu")
     enc = ClipEncoder(loaded, batch_size=batch)

@@ -70,7 +70,7 @@ def _timed(fn: Any, items: int, seconds: float) -> float:
 def model_limits(model: torch.nn.Module, batch: int) -> dict[str, float]:
     import clip
 
-    from clipbatch.encode import encode_text_trimmed
+    from clipbatch.encode.encoder import encode_text_trimmed
 
     images = torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.float16)
     captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(batch)]
@@ -96,8 +96,8 @@ def gpu_decode_fidelity(model: torch.nn.Module, count: int = 32) -> dict[str, fl
     from clip.clip import _transform
 
     from bench.common import cosines, jpegs, pil
-    from clipbatch.encode import CLIP_MEAN, CLIP_STD
-    from clipbatch.preprocess import decode_jpegs_on_device
+    from clipbatch.encode.encoder import CLIP_MEAN, CLIP_STD
+    from clipbatch.preprocess.resize import decode_jpegs_on_device
 
     data = jpegs(count // 2, 512, 384, seed=5) + jpegs(count - count // 2, 1024, 700, seed=6)
     reference = torch.stack([_transform(224)(pil(d)) for d in data]).cuda()
@@ -178,7 +178,7 @@ def _rate_on(device: str, fn: Any, items: int, seconds: float) -> float:
 
 def build_shape(spec: dict[str, Any], device: str) -> Any:
     """A random model of ``spec``'s shape behind its family's clipbatch backend (fp16 on CUDA)."""
-    from clipbatch.model import LoadedModel, ResolvedCheckpoint
+    from clipbatch.models.loading import LoadedModel, ResolvedCheckpoint
 
     half = device.startswith("cuda")
     family = spec["family"]
@@ -255,7 +255,7 @@ def family_shape_limits(
     """Per shape: the stock calls' images/s and captions/s (full context), and clipbatch's
     encoder path on the same batch (uint8 pixels normalised on the device; the family's own
     tokens, trimmed where that is exact)."""
-    from clipbatch.encode import ClipEncoder
+    from clipbatch.encode.encoder import ClipEncoder
 
     loaded = build_shape(spec, device)
     backend, batch = loaded.backend, spec["batch"]
@@ -307,9 +307,9 @@ def end_to_end(
     ckpt: str, src: Path, dest: Path, batch: int, preprocess: str, device: str = "cuda"
 ) -> dict[str, Any]:
     from clipbatch.config import build_config
-    from clipbatch.pipeline import process_shard
-    from clipbatch.plan import plan_shards
-    from clipbatch.runner import shard_context
+    from clipbatch.pipeline.shard import process_shard
+    from clipbatch.pipeline.worker import shard_context
+    from clipbatch.plan.planner import plan_shards
 
     config = build_config(
         {

@@ -47,7 +47,7 @@ def preprocess_figures(n_px: int = 224, count: int = 40, rounds: int = 6) -> lis
     """Per-core images/s: reference (decode + clip's transform) vs our exact and fast paths."""
     from clip.clip import _transform
 
-    from clipbatch.decode import DecodeOptions, decode_to_pixels
+    from clipbatch.preprocess.decode import DecodeOptions, decode_to_pixels
 
     reference = _transform(n_px)
     out = []
@@ -90,10 +90,10 @@ def preprocess_figures(n_px: int = 224, count: int = 40, rounds: int = 6) -> lis
 def fidelity(model_arg: str, label: str, count: int) -> dict[str, Any]:
     """Cosine of our exact and fast image embeddings to stock clip's, per image."""
     from clipbatch.config import ModelConfig
-    from clipbatch.decode import DecodeOptions, decode_to_pixels
-    from clipbatch.encode import ClipEncoder
-    from clipbatch.model import load_model
-    from clipbatch.preprocess import decode_jpegs_on_device
+    from clipbatch.encode.encoder import ClipEncoder
+    from clipbatch.models.loading import load_model
+    from clipbatch.preprocess.decode import DecodeOptions, decode_to_pixels
+    from clipbatch.preprocess.resize import decode_jpegs_on_device
 
     loaded = load_model(ModelConfig(name=model_arg), "cpu")
     enc = ClipEncoder(loaded, batch_size=count)
@@ -122,7 +122,7 @@ def encode_only(model_arg: str, batch: int) -> tuple[float, float]:
     import clip
 
     from clipbatch.config import ModelConfig
-    from clipbatch.model import load_model
+    from clipbatch.models.loading import load_model
 
     loaded = load_model(ModelConfig(name=model_arg), "cpu")
     n_px = loaded.input_resolution
@@ -148,7 +148,7 @@ def naive(model_arg: str, shard_dir: Path, count: int) -> float:
     import clip
 
     from clipbatch.config import ModelConfig
-    from clipbatch.model import load_model
+    from clipbatch.models.loading import load_model
 
     loaded = load_model(ModelConfig(name=model_arg), "cpu")
     samples: list[tuple[bytes, str]] = []
@@ -278,7 +278,7 @@ def upload(local: Path, endpoint: str, prefix: str) -> str:
 def wall_clock_vs_clip_retrieval(count: int = 2000) -> dict[str, Any]:
     """`clipbatch run` (Prefect included) vs `clip-retrieval inference`, same shards, tiny model."""
     from clipbatch.config import ModelConfig
-    from clipbatch.model import resolve_checkpoint
+    from clipbatch.models.loading import resolve_checkpoint
 
     per_shard = 500
     src = shards("cli", count // per_shard, per_shard)
@@ -287,7 +287,7 @@ def wall_clock_vs_clip_retrieval(count: int = 2000) -> dict[str, Any]:
     res: dict[str, Any] = {"images": count, "shards": len(tars)}
     out = work_dir() / "cli-out"
     shutil.rmtree(out, ignore_errors=True)
-    clipbatch = [sys.executable, "-m", "clipbatch.cli.main"]
+    clipbatch = [sys.executable, "-m", "flows.cli.main"]
     args = ["run", "--source", str(src), "--dest", str(out / "ours"), "--model", "tiny",
             "--device", "cpu", "--no-progress", "--overwrite"]  # fmt: skip
     env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false")

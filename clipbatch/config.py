@@ -105,7 +105,7 @@ class StorageOptions(_Frozen):
             if self.anon:
                 kwargs["anon"] = True
             if self.credentials_block:
-                from clipbatch.credentials import lookup
+                from clipbatch.io.credentials import lookup
 
                 creds = lookup(self.credentials_block)
                 kwargs.update(creds.s3_kwargs())

@@ -6,16 +6,16 @@
 that does the I/O (the flow for planning, every task run for its shards, on a Dask or
 Ray worker too), turned into key, secret and token through the block's own boto3
 session (so profiles and role assumption work), and registered in memory with
-:mod:`clipbatch.credentials`. Only the block's name is ever a parameter.
+:mod:`clipbatch.io.credentials`. Only the block's name is ever a parameter.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from clipbatch import credentials
 from clipbatch.config import EmbedConfig, StorageOptions
 from clipbatch.errors import ConfigError
+from clipbatch.io import credentials
 
 BLOCK_TYPES = ("aws-credentials", "minio-credentials")
 

@@ -20,16 +20,16 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 from pydantic import Field
 
-from clipbatch.commits import IndexWriter
 from clipbatch.config import EmbedConfig
 from clipbatch.errors import ShardTaskError
-from clipbatch.multigpu import device_slots
-from clipbatch.plan import ShardSlice, commit_record, plan_shards
+from clipbatch.io.storage import check_writable
+from clipbatch.pipeline.devices import device_slots
+from clipbatch.pipeline.summary import RunFailedError, RunSummary
+from clipbatch.pipeline.worker import failed_result
+from clipbatch.plan.planner import ShardSlice, commit_record, plan_shards
 from clipbatch.records import ShardResult, ShardSpec
-from clipbatch.runner import failed_result
-from clipbatch.sink import clean_staging
-from clipbatch.storage import check_writable
-from clipbatch.summary import RunFailedError, RunSummary
+from clipbatch.sink.commits import IndexWriter
+from clipbatch.sink.writer import clean_staging
 from flows.credentials import load_credentials
 from flows.observers import make_observers
 from flows.params import resolve_config

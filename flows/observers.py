@@ -6,10 +6,10 @@ import logging
 from typing import Any
 
 from clipbatch.config import EmbedConfig
+from clipbatch.lineage.observe import Observers, RunObserver
 from clipbatch.lineage.record import RunRecordWriter
 from clipbatch.lineage.redact import Redactor
 from clipbatch.lineage.transport import transport_configured
-from clipbatch.observe import Observers, RunObserver
 from flows.reporting import PrefectReporter
 
 log = logging.getLogger(__name__)

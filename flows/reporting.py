@@ -28,9 +28,9 @@ from prefect.events import emit_event
 from clipbatch.config import EmbedConfig
 from clipbatch.lineage.naming import dataset_prefix
 from clipbatch.lineage.redact import Redactor
-from clipbatch.plan import RunPlan
+from clipbatch.pipeline.summary import RunSummary
+from clipbatch.plan.planner import RunPlan
 from clipbatch.records import ShardResult
-from clipbatch.summary import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def asset_key(url: str) -> str:
 
 
 class PrefectReporter:
-    """A :class:`clipbatch.observe.RunObserver` reporting to the Prefect API."""
+    """A :class:`clipbatch.lineage.observe.RunObserver` reporting to the Prefect API."""
 
     def __init__(
         self,

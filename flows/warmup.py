@@ -215,7 +215,7 @@ class WarmStart:
         if self.config.runtime.devices:  # device workers load their own copies
             return
         try:
-            from clipbatch.model import load_model
+            from clipbatch.models.loading import load_model
 
             runtime = self.config.runtime
             load_model(self.config.model, runtime.device, runtime.precision)

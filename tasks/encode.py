@@ -28,10 +28,10 @@ from prefect.states import State
 from clipbatch.config import EmbedConfig
 from clipbatch.errors import ShardTaskError, is_transient
 from clipbatch.lineage.transport import transport_configured
-from clipbatch.multigpu import run_shard_on_devices
+from clipbatch.pipeline.devices import run_shard_on_devices
+from clipbatch.pipeline.worker import committed_result, failed_result
 from clipbatch.records import ShardResult, ShardSpec
-from clipbatch.runner import committed_result, failed_result
-from clipbatch.sink import output_uri
+from clipbatch.sink.writer import output_uri
 from flows.credentials import load_credentials
 
 

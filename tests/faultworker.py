@@ -1,7 +1,7 @@
 """Worker processes for the fault tests: run shards with the library, no Prefect.
 
 :func:`run_worker` runs in a child process: it cleans stale staging, plans, and runs
-every shard still to do with :func:`clipbatch.runner.run_plan`, the same shard call the
+every shard still to do with :func:`clipbatch.pipeline.worker.run_plan`, the same shard call the
 Prefect task makes, plus the commit index. Children fork from one multiprocessing *forkserver* that has
 imported torch and clipbatch once, so each costs a fork, not a 10 s import. Faults
 come from the environment the child sets for itself (``CLIPBATCH_CRASH_AT`` ...), so
@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from clipbatch.config import EmbedConfig
-from clipbatch.plan import plan_shards
-from clipbatch.runner import run_plan
-from clipbatch.sink import clean_staging
+from clipbatch.pipeline.worker import run_plan
+from clipbatch.plan.planner import plan_shards
+from clipbatch.sink.writer import clean_staging
 
 _CTX: Any = None
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipbatch.config import EmbedConfig, StorageOptions, build_config
-from clipbatch.storage import get_fs
+from clipbatch.io.storage import get_fs
 
 
 def read_table(dest: str, endpoint: str | None = None) -> tuple[pa.Table, list[str]]:

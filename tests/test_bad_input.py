@@ -22,8 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clipbatch.model import load_model
-from clipbatch.storage import get_fs
+from clipbatch.io.storage import get_fs
+from clipbatch.models.loading import load_model
 from tests.conftest import upload_dir
 from tests.corpus import (
     Expect,
@@ -198,7 +198,7 @@ def test_webdataset_bad_inputs_and_error_ratio(
 
 def assert_inspect_consistent(dest: str, endpoint: str) -> None:
     """`clipbatch inspect` accepts a table full of bad rows: their kept vectors are by rule."""
-    from clipbatch.cli.main import main as cli
+    from flows.cli.main import main as cli
 
     assert cli(["inspect", dest, "--endpoint-url", endpoint]) == 0
 

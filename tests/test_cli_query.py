@@ -11,10 +11,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipbatch.cli.inspect import INCONSISTENT
-from clipbatch.cli.main import main
 from clipbatch.config import StorageOptions, build_config
-from clipbatch.query import TextQueryEncoder, embedding_matrix, normalize_rows, open_table, search
+from clipbatch.query.table import (
+    TextQueryEncoder,
+    embedding_matrix,
+    normalize_rows,
+    open_table,
+    search,
+)
 from clipbatch.synthetic import write_webdataset
+from flows.cli.main import main
 from tests.conftest import upload_dir
 
 pytestmark = pytest.mark.timeout(240)
@@ -198,7 +204,7 @@ def test_inspect_and_search_refuse_a_missing_table(
 def test_demo_answers_text_queries_from_its_table(
     prefect_harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from clipbatch.cli.demo import DEMO_QUERIES
+    from flows.cli.demo import DEMO_QUERIES
 
     argv = ["demo", "--dir", str(tmp_path), "--shards", "1", "--per-shard", "12"]
     assert main([*argv, "--no-progress", "--device", "cpu"]) == 0

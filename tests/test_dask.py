@@ -4,7 +4,7 @@ The cluster is real processes (``dask scheduler``, ``dask worker --no-nanny``) s
 worker can be SIGKILLed like a lost machine. Workers reach moto through the same AWS_*
 environment and the Prefect test server through the settings prefect-dask ships with
 each task. Where tasks ran is read from a worker plugin that records the shard of every
-task a worker starts; model loads from ``clipbatch.model.load_count`` on each worker.
+task a worker starts; model loads from ``clipbatch.models.loading.load_count`` on each worker.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from clipbatch.config import EmbedConfig, StorageOptions, build_config
 from clipbatch.errors import ConfigError
-from clipbatch.storage import get_fs
+from clipbatch.io.storage import get_fs
 from clipbatch.synthetic import write_webdataset
 from flows.runners import parse_task_runner
 from tests.conftest import free_port, upload_dir
@@ -124,9 +124,9 @@ class Cluster:
 
 def load_counts(cluster: Cluster) -> dict[str, int]:
     def count(dask_worker: Any) -> int:
-        import clipbatch.model
+        import clipbatch.models.loading
 
-        return clipbatch.model.load_count
+        return clipbatch.models.loading.load_count
 
     return cluster.on_workers(count)
 
@@ -217,7 +217,7 @@ def test_gpu_claims_need_a_cluster() -> None:
 def test_cli_flags_select_the_runner() -> None:
     import argparse
 
-    from clipbatch.cli.run import add_arguments, config_from_args
+    from flows.cli.run import add_arguments, config_from_args
 
     p = argparse.ArgumentParser()
     add_arguments(p)
@@ -269,9 +269,9 @@ def test_dask_run_equals_local_run_on_gpu_workers_only(
 
 
 def _running_shard(dask_worker: Any) -> tuple[str | None, int]:
-    import clipbatch.model
+    import clipbatch.models.loading
 
-    return dask_worker.plugins[PLUGIN].running, clipbatch.model.load_count
+    return dask_worker.plugins[PLUGIN].running, clipbatch.models.loading.load_count
 
 
 def _kill_when_running(cluster: Cluster, victim: str, killed: dict[str, Any]) -> None:

@@ -9,12 +9,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clipbatch.commits import listed_versions, load_index
-from clipbatch.model import load_model
-from clipbatch.sink import read_file_metadata
-from clipbatch.storage import get_fs
+from clipbatch.io.storage import get_fs
+from clipbatch.models.loading import load_model
+from clipbatch.sink.commits import listed_versions, load_index
+from clipbatch.sink.schema import METADATA_KEY
+from clipbatch.sink.writer import read_file_metadata
 from clipbatch.synthetic import write_webdataset
-from clipbatch.table import METADATA_KEY
 from tests.conftest import upload_dir
 from tests.helpers import cosine, read_table, reference_embeddings, tar_samples, tiny_s3_config
 

@@ -25,14 +25,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clipbatch.commits import CommitRecord, IndexWriter, all_records, listed_versions, load_index
 from clipbatch.config import ModelConfig, StorageOptions, build_config
-from clipbatch.encode import ClipEncoder
+from clipbatch.encode.encoder import ClipEncoder
 from clipbatch.faults import OOM_ENV
-from clipbatch.model import load_model
-from clipbatch.storage import get_fs
+from clipbatch.io.storage import get_fs
+from clipbatch.models.loading import load_model
+from clipbatch.sink.commits import (
+    CommitRecord,
+    IndexWriter,
+    all_records,
+    listed_versions,
+    load_index,
+)
+from clipbatch.sink.schema import decode_metadata
 from clipbatch.synthetic import write_webdataset
-from clipbatch.table import decode_metadata
 from tests.conftest import free_port, upload_dir
 from tests.faultproxy import FaultProxy
 from tests.faultworker import start_worker
@@ -279,7 +285,7 @@ def test_failed_flow_run_retried_with_prefect_cli_finishes_the_rest_only(
     """Reads of one shard keep failing: the run fails; `prefect flow-run retry` finishes it."""
     from prefect.settings import PREFECT_API_URL
 
-    from clipbatch.summary import RunFailedError
+    from clipbatch.pipeline.summary import RunFailedError
     from flows.embed import embed_dataset
 
     dest = f"s3://{bucket}/flow-retry"
@@ -334,7 +340,7 @@ def test_concurrent_index_writers_and_compactions_lose_nothing(
     at the end with a tiny segment limit, so compactions overlap each other and new
     segments: every record survives. (The old single _manifest.json needed conditional
     PUTs or flock for this; segments are immutable, so there is nothing to race on.)"""
-    import clipbatch.commits as commits
+    import clipbatch.sink.commits as commits
 
     monkeypatch.setattr(commits, "MAX_SEGMENTS", 2)
     url = f"s3://{bucket}/index-race" if store == "s3" else str(tmp_path / "race")
@@ -397,7 +403,7 @@ def test_gpu_oom_halves_the_batch_and_goes_on(monkeypatch):
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append  # type: ignore[method-assign]
-    log = logging.getLogger("clipbatch.encode")
+    log = logging.getLogger("clipbatch.encode.encoder")
     log.addHandler(handler)
     try:
         enc = ClipEncoder(loaded, batch_size=8)

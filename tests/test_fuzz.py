@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from clipbatch import records
 from clipbatch.config import SourceConfig
-from clipbatch.decode import DecodeOptions, prepare
+from clipbatch.preprocess.decode import DecodeOptions, prepare
 from clipbatch.records import RawSample
 from clipbatch.sources import get_reader
 from clipbatch.sources.text import caption_from_value, decode_caption

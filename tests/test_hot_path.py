@@ -17,10 +17,10 @@ from PIL import Image
 
 from bench.common import VIT_B32  # the one definition of the random ViT-B/32 shape
 from clipbatch.config import ModelConfig
-from clipbatch.decode import DecodeOptions, decode_to_pixels
-from clipbatch.encode import ClipEncoder, probe_batch_size
-from clipbatch.model import LoadedModel, ResolvedCheckpoint, load_model
-from clipbatch.preprocess import decode_jpegs_on_device, resize_crop_array
+from clipbatch.encode.encoder import ClipEncoder, probe_batch_size
+from clipbatch.models.loading import LoadedModel, ResolvedCheckpoint, load_model
+from clipbatch.preprocess.decode import DecodeOptions, decode_to_pixels
+from clipbatch.preprocess.resize import decode_jpegs_on_device, resize_crop_array
 from clipbatch.synthetic import jpeg_bytes, random_spec, render
 
 
@@ -183,7 +183,7 @@ def test_device_jpeg_decode_falls_back_per_image() -> None:
 
 
 def test_gpu_mode_defers_plain_jpegs_to_the_batched_device_decode() -> None:
-    from clipbatch.decode import finish_on_device, prepare
+    from clipbatch.preprocess.decode import finish_on_device, prepare
     from clipbatch.records import RawSample
 
     plain = images([(120, 90), (90, 120)], seed=6)
@@ -225,7 +225,7 @@ def test_gpu_mode_defers_plain_jpegs_to_the_batched_device_decode() -> None:
 
 def test_float_resize_for_cuda_matches_the_uint8_path() -> None:
     """CUDA resizes through float32 (no uint8 kernels there); run that path on the CPU."""
-    from clipbatch.preprocess import resize_via_float
+    from clipbatch.preprocess.resize import resize_via_float
 
     for w, h in [(300, 220), (97, 64), (64, 130)]:
         [data] = images([(w, h)], seed=w)

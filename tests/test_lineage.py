@@ -15,14 +15,14 @@ import tarfile
 import boto3
 import pytest
 
-from clipbatch.cli.main import main as cli
 from clipbatch.config import StorageOptions, build_config
 from clipbatch.lineage.record import RunRecordWriter, read_run_record
-from clipbatch.model import ResolvedCheckpoint
-from clipbatch.plan import RunPlan
+from clipbatch.models.loading import ResolvedCheckpoint
+from clipbatch.plan.planner import RunPlan
 from clipbatch.records import ShardResult, ShardSpec
-from clipbatch.sink import read_file_metadata
+from clipbatch.sink.writer import read_file_metadata
 from clipbatch.synthetic import write_webdataset
+from flows.cli.main import main as cli
 from tests import prefect_readback
 from tests.conftest import upload_dir
 from tests.helpers import read_table, tiny_s3_config
@@ -235,8 +235,8 @@ def test_folder_source_staleness_without_prefect(tmp_path, capsys):
     """Folder shards hash their members: one changed image makes its shard stale."""
     import random
 
-    from clipbatch.plan import plan_shards
-    from clipbatch.runner import run_shard
+    from clipbatch.pipeline.worker import run_shard
+    from clipbatch.plan.planner import plan_shards
     from clipbatch.synthetic import jpeg_bytes, random_spec, render
 
     rng = random.Random(4)

@@ -1,7 +1,7 @@
 """Issue 5: memory is bounded by the pipeline's queues, not by the number of shards.
 
 Peak RSS is measured (``ru_maxrss``) in worker processes that run 1 shard and then
-20 shards of the same size through :func:`clipbatch.runner.run_shard`. Both fork
+20 shards of the same size through :func:`clipbatch.pipeline.worker.run_shard`. Both fork
 from the same preloaded forkserver, so they start from the same baseline; the
 difference is what 19 more shards cost in memory. This is a measurement, not a timing.
 """

@@ -23,7 +23,7 @@ PROBE = """
 import sys
 from clipbatch.config import ModelConfig
 from clipbatch.errors import ConfigError
-from clipbatch.model import resolve_checkpoint
+from clipbatch.models.loading import resolve_checkpoint
 for name in sys.argv[1:]:
     try:
         resolve_checkpoint(ModelConfig(name=name))

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from clipbatch.config import build_config
-from clipbatch.storage import get_fs
+from clipbatch.io.storage import get_fs
+from clipbatch.sink.schema import METADATA_KEY
 from clipbatch.synthetic import write_webdataset
-from clipbatch.table import METADATA_KEY
 from tests import model_fixtures as mf
 from tests.conftest import upload_dir
 from tests.helpers import read_table, tar_samples
@@ -153,7 +153,7 @@ def test_flow_with_every_family_equals_its_reference(
 
     # search and inspect work from the table alone, with the model its metadata names.
     from clipbatch.config import StorageOptions
-    from clipbatch.query import TextQueryEncoder, open_table, search, validate
+    from clipbatch.query.table import TextQueryEncoder, open_table, search, validate
 
     storage_options = StorageOptions(endpoint_url=s3_endpoint)
     output = open_table(dest, storage_options)
@@ -169,6 +169,6 @@ def test_flow_with_every_family_equals_its_reference(
 def reference_mean(family: str) -> tuple[float, ...]:
     if family == "open_clip":
         return tuple(mf.OPEN_CLIP_PREPROCESS["longest"]["mean"])
-    from clipbatch.preprocess import CLIP_MEAN
+    from clipbatch.preprocess.resize import CLIP_MEAN
 
     return CLIP_MEAN

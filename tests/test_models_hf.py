@@ -19,13 +19,13 @@ import pytest
 import torch
 
 from clipbatch.config import ModelConfig
-from clipbatch.decode import DecodeOptions, decode_to_pixels
-from clipbatch.encode import ClipEncoder
+from clipbatch.encode.encoder import ClipEncoder
 from clipbatch.errors import ConfigError
-from clipbatch.model import LoadedModel, load_model, resolve_checkpoint
 from clipbatch.models.base import TokenBatch
 from clipbatch.models.hf import image_preprocess
-from clipbatch.preprocess import CLIP_MEAN, CLIP_STD, ImagePreprocess
+from clipbatch.models.loading import LoadedModel, load_model, resolve_checkpoint
+from clipbatch.preprocess.decode import DecodeOptions, decode_to_pixels
+from clipbatch.preprocess.resize import CLIP_MEAN, CLIP_STD, ImagePreprocess
 from tests import model_fixtures as mf
 
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
@@ -99,7 +99,7 @@ def test_exact_mode_equals_transformers_own_calls(folders: dict[str, Path], kind
     fast = np.stack([decode_to_pixels(d, fast_opts)[0] for d in data])
     assert mf.cosines(enc.encode_images(fast), ref_img).min() >= 0.999
     # The gpu mode's batched decode path (torchvision's CPU decoder here), same geometry.
-    from clipbatch.preprocess import decode_jpegs_on_device
+    from clipbatch.preprocess.resize import decode_jpegs_on_device
 
     geometry = loaded.image_preprocess
     decoded = decode_jpegs_on_device(data, geometry.n_px, "cpu", lambda i: None, geometry)

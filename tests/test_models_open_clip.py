@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from clipbatch.config import ModelConfig
-from clipbatch.decode import DecodeOptions, decode_to_pixels
-from clipbatch.encode import ClipEncoder
+from clipbatch.encode.encoder import ClipEncoder
 from clipbatch.errors import ConfigError
-from clipbatch.model import LoadedModel, load_model, resolve_checkpoint
-from clipbatch.preprocess import CLIP_MEAN, CLIP_STD, ImagePreprocess
+from clipbatch.models.loading import LoadedModel, load_model, resolve_checkpoint
+from clipbatch.preprocess.decode import DecodeOptions, decode_to_pixels
+from clipbatch.preprocess.resize import CLIP_MEAN, CLIP_STD, ImagePreprocess
 from tests import model_fixtures as mf
 
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from clipbatch.config import ModelConfig
-from clipbatch.decode import DecodeOptions, decode_to_pixels
-from clipbatch.encode import ClipEncoder
-from clipbatch.model import load_model, resolve_checkpoint
-from clipbatch.preprocess import ImagePreprocess
+from clipbatch.encode.encoder import ClipEncoder
+from clipbatch.models.loading import load_model, resolve_checkpoint
+from clipbatch.preprocess.decode import DecodeOptions, decode_to_pixels
+from clipbatch.preprocess.resize import ImagePreprocess
 from tests import model_fixtures as mf
 
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")

@@ -13,13 +13,13 @@ import pytest
 
 from clipbatch.config import build_config
 from clipbatch.errors import ConfigError, is_transient
-from clipbatch.multigpu import (
+from clipbatch.pipeline.devices import (
     DevicePool,
     WorkerLostError,
     device_pool,
     resolve_devices,
 )
-from clipbatch.runner import set_progress_listener
+from clipbatch.pipeline.worker import set_progress_listener
 from clipbatch.synthetic import write_webdataset
 from tests.multigpu_targets import die_on, report
 

@@ -17,11 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from clipbatch.commits import all_records, commits_uri
 from clipbatch.config import EmbedConfig, build_config
-from clipbatch.model import TINY_ARCH
-from clipbatch.plan import plan_shards
-from clipbatch.sink import (
+from clipbatch.models.loading import TINY_ARCH
+from clipbatch.plan.planner import plan_shards
+from clipbatch.sink.commits import all_records, commits_uri
+from clipbatch.sink.writer import (
     LOCAL_PREFIX,
     STALE_AFTER_SECONDS,
     TMP_DIR,

@@ -21,8 +21,14 @@ from urllib.parse import unquote, urlsplit
 import boto3
 import pytest
 
-from clipbatch.commits import COMMITS_DIR, LEGACY_MANIFEST, all_records, listed_versions, load_index
 from clipbatch.config import build_config
+from clipbatch.sink.commits import (
+    COMMITS_DIR,
+    LEGACY_MANIFEST,
+    all_records,
+    listed_versions,
+    load_index,
+)
 from clipbatch.synthetic import write_webdataset
 from tests.faultproxy import Exchange, FaultProxy
 from tests.helpers import tiny_s3_config
@@ -172,7 +178,7 @@ def test_planning_lists_a_brace_pattern_once_with_no_head_per_name(
     bucket: str, s3_endpoint: str
 ) -> None:
     """200 expanded names and their missing sidecars: one listing, zero HEADs."""
-    from clipbatch.plan import plan_shards
+    from clipbatch.plan.planner import plan_shards
 
     proxy = FaultProxy(s3_endpoint).start()
     try:
@@ -194,7 +200,7 @@ def test_planning_lists_a_brace_pattern_once_with_no_head_per_name(
 
 def test_a_missing_name_in_a_brace_pattern_is_a_clear_error(bucket: str, s3_endpoint: str):
     from clipbatch.errors import SourceError
-    from clipbatch.plan import plan_shards
+    from clipbatch.plan.planner import plan_shards
 
     config = tiny_s3_config(
         f"s3://{bucket}/src20/{{00000..00020}}.tar", f"s3://{bucket}/x/", s3_endpoint
@@ -209,7 +215,7 @@ def test_a_table_written_before_the_commit_index_is_skipped_then_migrated(
     """The fixture was written by the previous release (tests/data/upgrade-v1): shard files,
     a `_manifest.json` and formula-1 fingerprints. Nothing is re-encoded after an upgrade;
     the first run folds the manifest into the commit index, and the table stays valid."""
-    from clipbatch.cli.main import main as cli
+    from flows.cli.main import main as cli
     from flows.embed import embed_dataset
 
     name = "clipbatch-upgrade"  # the fingerprints hash s3://clipbatch-upgrade/v1/src/...
@@ -257,8 +263,8 @@ def test_a_table_written_before_the_commit_index_is_skipped_then_migrated(
 def test_fetch_settings_and_the_kind_do_not_force_a_re_encode(tmp_path: Path) -> None:
     """Fingerprints hash what changes the table: not fetch concurrency, timeouts, retries
     or the source kind; yes the compute precision."""
-    from clipbatch.plan import plan_shards
-    from clipbatch.runner import run_plan
+    from clipbatch.pipeline.worker import run_plan
+    from clipbatch.plan.planner import plan_shards
 
     src, dest = tmp_path / "src", tmp_path / "out"
     write_webdataset(src, shards=2, per_shard=2, seed=3, size=32)
@@ -299,8 +305,8 @@ def test_shard_groups_keep_the_task_runs_of_a_huge_dataset_bounded() -> None:
 def test_crash_before_the_index_write_is_adopted_once_from_footers(tmp_path: Path) -> None:
     """A run killed after its commits but before its index flush: the next plan reads
     those files' footers once, writes their records, and plans from the index after."""
-    from clipbatch.plan import plan_shards
-    from clipbatch.runner import run_shard
+    from clipbatch.pipeline.worker import run_shard
+    from clipbatch.plan.planner import plan_shards
 
     src, dest = tmp_path / "src", tmp_path / "out"
     write_webdataset(src, shards=3, per_shard=2, seed=4, size=32)
@@ -326,7 +332,7 @@ def test_slices_split_a_dataset_between_runs_that_share_one_table(
     prefect_harness, tmp_path: Path
 ) -> None:
     """The backfill's `slices` shape: N child runs, disjoint blocks of shards, one table."""
-    from clipbatch.plan import ShardSlice
+    from clipbatch.plan.planner import ShardSlice
     from flows.backfill import BackfillConfig, child_label, child_parameters
     from flows.embed import embed_dataset
 

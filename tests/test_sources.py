@@ -14,7 +14,7 @@ import pytest
 
 from clipbatch.config import SourceConfig
 from clipbatch.errors import ConfigError
-from clipbatch.logutil import SkipLogger
+from clipbatch.pipeline.skiplog import SkipLogger
 from clipbatch.sources import get_reader
 from clipbatch.sources.detect import detect_kind
 from tests.corpus import encode, picture

@@ -29,11 +29,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clipbatch.cli.main import main as cli
 from clipbatch.config import build_config
 from clipbatch.errors import ConfigError
 from clipbatch.sources.netguard import AddressPolicy
 from clipbatch.synthetic import jpeg_bytes, random_spec, render, write_webdataset
+from flows.cli.main import main as cli
 
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
@@ -86,8 +86,8 @@ def test_pyarrow_schema_apis_see_the_lineage_and_the_footer_the_counts(
 def test_a_key_column_is_the_key_by_default(tmp_path: Path) -> None:
     import random
 
-    from clipbatch.plan import plan_shards
-    from clipbatch.runner import run_plan
+    from clipbatch.pipeline.worker import run_plan
+    from clipbatch.plan.planner import plan_shards
 
     rng = random.Random(1)
     images = [jpeg_bytes(render(random_spec(rng), 32, rng)) for _ in range(3)]
@@ -154,7 +154,7 @@ def test_credentials_from_prefect_blocks_on_threads_and_device_workers(
     from prefect_aws import AwsCredentials, MinIOCredentials
     from prefect_aws.client_parameters import AwsClientParameters
 
-    from clipbatch import credentials
+    from clipbatch.io import credentials
     from flows.embed import embed_dataset
     from tests import prefect_readback
 

@@ -1,5 +1,5 @@
-"""The ``clipbatch`` command line. Only the CLI prints, and only for the user."""
+"""Library commands of the ``clipbatch`` command line: ``search``, ``inspect``, ``lineage``.
 
-from clipbatch.cli.main import console_main, main
-
-__all__ = ["console_main", "main"]
+They read tables and need no Prefect. The console script and the commands that start
+flows (``run``, ``demo``) live in :mod:`flows.cli`. Only the CLI prints.
+"""

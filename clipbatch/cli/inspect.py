@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clipbatch.query import open_table, validate
+    from clipbatch.query.table import open_table, validate
 
     table = open_table(args.dest, StorageOptions(endpoint_url=args.endpoint_url))
     report = validate(table)

@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clipbatch.query import open_table, search
+    from clipbatch.query.table import open_table, search
 
     storage = StorageOptions(endpoint_url=args.endpoint_url)
     table = open_table(args.table, storage)

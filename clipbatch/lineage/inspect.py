@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 
 from clipbatch.config import StorageOptions
 from clipbatch.errors import ClipbatchError, SourceError
-from clipbatch.sink import read_file_metadata
-from clipbatch.storage import get_fs, object_version, to_uri, with_retries
+from clipbatch.io.storage import get_fs, object_version, to_uri, with_retries
+from clipbatch.sink.writer import read_file_metadata
 
 log = logging.getLogger(__name__)
 

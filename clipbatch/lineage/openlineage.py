@@ -42,13 +42,13 @@ from openlineage.client.facet_v2 import (
 
 from clipbatch import __version__
 from clipbatch.config import EmbedConfig, SourceConfig
+from clipbatch.io.storage import get_fs
 from clipbatch.lineage.naming import dataset_id, dataset_prefix
 from clipbatch.lineage.redact import Redactor
 from clipbatch.lineage.transport import namespace, transport_configured
-from clipbatch.plan import RunPlan
+from clipbatch.pipeline.summary import RunSummary
+from clipbatch.plan.planner import RunPlan
 from clipbatch.records import ShardResult, ShardSpec
-from clipbatch.storage import get_fs
-from clipbatch.summary import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ class Emitter:
 
 
 class OpenLineageObserver:
-    """A :class:`clipbatch.observe.RunObserver` emitting the flow run's events."""
+    """A :class:`clipbatch.lineage.observe.RunObserver` emitting the flow run's events."""
 
     def __init__(
         self,

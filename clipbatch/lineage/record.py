@@ -27,11 +27,11 @@ from typing import Any
 
 from clipbatch import __version__
 from clipbatch.config import EmbedConfig
+from clipbatch.io.storage import get_fs, join, read_bytes, with_retries, write_bytes_atomic
 from clipbatch.lineage.redact import Redactor
-from clipbatch.plan import RunPlan
+from clipbatch.pipeline.summary import RunSummary
+from clipbatch.plan.planner import RunPlan
 from clipbatch.records import ShardResult
-from clipbatch.storage import get_fs, join, read_bytes, with_retries, write_bytes_atomic
-from clipbatch.summary import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def git_commit() -> str | None:
 
 
 class RunRecordWriter:
-    """A :class:`clipbatch.observe.RunObserver` that keeps the run record up to date."""
+    """A :class:`clipbatch.lineage.observe.RunObserver` that keeps the run record up to date."""
 
     def __init__(
         self,

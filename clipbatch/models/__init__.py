@@ -7,7 +7,7 @@
   :mod:`~clipbatch.models.hf`: one module per family (resolve, load, backend).
 - :mod:`~clipbatch.models.files`: the cache, sha256s, fetching files and folders.
 
-Callers use :func:`clipbatch.model.resolve_checkpoint` and :func:`clipbatch.model.load_model`.
+Callers use :func:`clipbatch.models.loading.resolve_checkpoint` and :func:`clipbatch.models.loading.load_model`.
 """
 
 from clipbatch.models.base import ModelBackend, ResolvedCheckpoint, TokenBatch

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from clipbatch.preprocess import ImagePreprocess
+from clipbatch.preprocess.resize import ImagePreprocess
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from clipbatch.config import StorageOptions
 from clipbatch.errors import ConfigError
-from clipbatch.storage import get_fs, object_version, protocol_of, with_retries
+from clipbatch.io.storage import get_fs, object_version, protocol_of, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def fetch_remote_folder(uri: str, storage: StorageOptions) -> Path:
 
 def local_folder(location: str, storage: StorageOptions, what: str) -> Path:
     """A model folder on local disk: the path itself, or the cached copy of a remote one."""
-    from clipbatch.storage import is_local
+    from clipbatch.io.storage import is_local
 
     if is_local(location):
         path = Path(location[len("file://") :] if location.startswith("file://") else location)

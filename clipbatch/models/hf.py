@@ -37,7 +37,7 @@ from clipbatch.models.base import ModelBackend, ResolvedCheckpoint, TokenBatch, 
 from clipbatch.models.extras import install_hint, require
 from clipbatch.models.files import combined_sha256, config_sha256, local_folder
 from clipbatch.models.names import FOLDER, HUB, ModelName
-from clipbatch.preprocess import ImagePreprocess
+from clipbatch.preprocess.resize import ImagePreprocess
 
 log = logging.getLogger(__name__)
 

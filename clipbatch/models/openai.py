@@ -21,11 +21,11 @@ import torch
 
 from clipbatch.config import ModelConfig
 from clipbatch.errors import ConfigError
+from clipbatch.io.storage import is_local
 from clipbatch.models.base import ModelBackend, ResolvedCheckpoint
 from clipbatch.models.files import cache_dir, cached_sha256, fetch_remote_checkpoint
 from clipbatch.models.names import TINY, ModelName
-from clipbatch.preprocess import ImagePreprocess
-from clipbatch.storage import is_local
+from clipbatch.preprocess.resize import ImagePreprocess
 
 log = logging.getLogger(__name__)
 

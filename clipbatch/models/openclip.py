@@ -35,7 +35,7 @@ from clipbatch.models.base import ModelBackend, ResolvedCheckpoint
 from clipbatch.models.extras import require
 from clipbatch.models.files import cached_sha256, config_sha256, local_folder
 from clipbatch.models.names import ARCH_TAG, HUB, LOCAL_DIR, ModelName
-from clipbatch.preprocess import CLIP_MEAN, CLIP_STD, ImagePreprocess
+from clipbatch.preprocess.resize import CLIP_MEAN, CLIP_STD, ImagePreprocess
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ import pyarrow as pa
 
 from clipbatch.config import SourceConfig
 from clipbatch.errors import ConfigError
+from clipbatch.io.storage import get_fs
 from clipbatch.records import RawSample, ShardSpec
 from clipbatch.sources.listing import Listing, list_source
-from clipbatch.storage import get_fs
 
 
 class ShardReader(Protocol):

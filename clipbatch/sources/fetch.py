@@ -23,9 +23,9 @@ from typing import TypeVar
 
 from clipbatch.config import SourceConfig
 from clipbatch.errors import ConfigError, is_transient
+from clipbatch.io.storage import get_fs
 from clipbatch.records import BLOCKED_URL, FETCH_ERROR, NOT_FOUND, TOO_LARGE
 from clipbatch.sources.netguard import AddressPolicy, BlockedAddressError, guarded_opener
-from clipbatch.storage import get_fs
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

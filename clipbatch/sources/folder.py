@@ -21,11 +21,11 @@ import pyarrow as pa
 
 from clipbatch.config import SourceConfig
 from clipbatch.errors import ConfigError
+from clipbatch.io.storage import get_fs, to_uri
 from clipbatch.records import DUPLICATE_KEY, MISSING_CAPTION, MISSING_IMAGE, RawSample, ShardSpec
 from clipbatch.sources.fetch import Fetcher
 from clipbatch.sources.listing import Listing, filter_suffixes
 from clipbatch.sources.text import caption_from_value, decode_caption
-from clipbatch.storage import get_fs, to_uri
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ import fsspec
 from fsspec.utils import glob_translate
 
 from clipbatch.errors import ConfigError, SourceError
-from clipbatch.storage import object_version, with_retries
+from clipbatch.io.storage import object_version, with_retries
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
@@ -68,7 +68,7 @@ class ObjectInfo:
     """What the plan keeps of one listed object."""
 
     path: str  # the path on the listing's filesystem (no scheme)
-    version: str  # ETag / version id / size+mtime (clipbatch.storage.object_version)
+    version: str  # ETag / version id / size+mtime (clipbatch.io.storage.object_version)
     size: int | None = None
 
 

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from clipbatch.config import SourceConfig
 from clipbatch.errors import ConfigError, SourceError
+from clipbatch.io.storage import get_fs, is_local, to_uri, with_retries
 from clipbatch.records import (
     BAD_ROW,
     DUPLICATE_KEY,
@@ -47,7 +48,6 @@ from clipbatch.sources.fetch import Fetcher
 from clipbatch.sources.listing import Listing, filter_suffixes
 from clipbatch.sources.text import caption_from_value
 from clipbatch.sources.webdataset import _check_unique_names, sidecar_name
-from clipbatch.storage import get_fs, is_local, to_uri, with_retries
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipbatch.config import SourceConfig
+from clipbatch.io.storage import get_fs, to_uri, with_retries
 from clipbatch.records import (
     CAPTION_DECODE_ERROR,
     DUPLICATE_KEY,
@@ -33,7 +34,6 @@ from clipbatch.records import (
 from clipbatch.sources.detect import TAR_SUFFIXES
 from clipbatch.sources.listing import Listing, filter_suffixes
 from clipbatch.sources.text import decode_caption
-from clipbatch.storage import get_fs, to_uri, with_retries
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The synthetic training and held-out sets, rendered once and kept in memory.
 
 Images go through the same path as the pipeline's: rendered, saved as JPEG, decoded
-and resized by :func:`clipbatch.decode.decode_to_pixels` (the model's own Resize and
+and resized by :func:`clipbatch.preprocess.decode.decode_to_pixels` (the model's own Resize and
 CenterCrop), so the model trains on exactly the pixels it will later be given.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clipbatch.decode import DecodeOptions, decode_to_pixels
+from clipbatch.preprocess.decode import DecodeOptions, decode_to_pixels
 from clipbatch.synthetic import SHAPES, SceneSpec, jpeg_bytes, random_spec, render
 
 # Rendered sizes vary so the model sees the bicubic downscale the pipeline applies.

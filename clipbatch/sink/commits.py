@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipbatch.config import SinkConfig
-from clipbatch.storage import (
+from clipbatch.io.storage import (
     get_fs,
     is_local_fs,
     join,
@@ -116,7 +116,7 @@ def file_version(info: dict[str, Any], fs: Any = None, path: str = "") -> str:
     """The version of a committed shard file, as both a listing and a HEAD report it.
 
     ETags first (a HEAD also returns VersionId on versioned buckets, a listing does not),
-    then size+mtime: :func:`clipbatch.storage.object_version` without version ids.
+    then size+mtime: :func:`clipbatch.io.storage.object_version` without version ids.
     """
     plain = {k: v for k, v in info.items() if k not in ("VersionId", "version_id", "generation")}
     return object_version(fs, path, plain)

@@ -9,9 +9,9 @@ import logging
 from collections.abc import Sequence
 from typing import Protocol
 
-from clipbatch.plan import RunPlan
+from clipbatch.pipeline.summary import RunSummary
+from clipbatch.plan.planner import RunPlan
 from clipbatch.records import ShardResult
-from clipbatch.summary import RunSummary
 
 log = logging.getLogger(__name__)
 

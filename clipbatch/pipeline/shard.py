@@ -23,13 +23,13 @@ import torch
 
 from clipbatch import __version__
 from clipbatch.config import EmbedConfig
-from clipbatch.decode import DecodeOptions, finish_on_device, prepare
-from clipbatch.encode import ClipEncoder, is_oom, l2_normalize
+from clipbatch.encode.encoder import ClipEncoder, is_oom, l2_normalize
 from clipbatch.errors import TooManyErrorsError
-from clipbatch.fingerprint import output_options
-from clipbatch.logutil import SkipLogger
-from clipbatch.model import LoadedModel
-from clipbatch.preprocess import ImagePreprocess, gpu_decode_available
+from clipbatch.models.loading import LoadedModel
+from clipbatch.pipeline.skiplog import SkipLogger
+from clipbatch.plan.fingerprint import output_options
+from clipbatch.preprocess.decode import DecodeOptions, finish_on_device, prepare
+from clipbatch.preprocess.resize import ImagePreprocess, gpu_decode_available
 from clipbatch.records import (
     ENCODE_ERROR,
     OK,
@@ -39,9 +39,9 @@ from clipbatch.records import (
     ShardSpec,
     StageTimings,
 )
-from clipbatch.sink import RowBlock, ShardWriter
+from clipbatch.sink.schema import SCHEMA_VERSION
+from clipbatch.sink.writer import RowBlock, ShardWriter
 from clipbatch.sources.base import ShardReader
-from clipbatch.table import SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
 

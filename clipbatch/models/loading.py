@@ -32,7 +32,7 @@ from clipbatch.models.openai import (
     OpenAIBackend,
 )
 from clipbatch.models.registry import family_module
-from clipbatch.preprocess import ImagePreprocess
+from clipbatch.preprocess.resize import ImagePreprocess
 
 log = logging.getLogger(__name__)
 

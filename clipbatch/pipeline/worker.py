@@ -10,14 +10,14 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from clipbatch.commits import IndexWriter
 from clipbatch.config import EmbedConfig
-from clipbatch.encode import ClipEncoder
+from clipbatch.encode.encoder import ClipEncoder
 from clipbatch.faults import crash_point
-from clipbatch.model import load_model
-from clipbatch.pipeline import ProgressFn, ShardContext, process_shard
-from clipbatch.plan import RunPlan, commit_record
+from clipbatch.models.loading import load_model
+from clipbatch.pipeline.shard import ProgressFn, ShardContext, process_shard
+from clipbatch.plan.planner import RunPlan, commit_record
 from clipbatch.records import ShardResult, ShardSpec
+from clipbatch.sink.commits import IndexWriter
 from clipbatch.sources import get_reader
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def run_shard(
     run_meta: dict[str, Any] | None = None,
 ) -> ShardResult:
     """Encode and commit one shard. Its index record is written by whoever collects the
-    result (the flow, or :func:`run_plan`), in batches: see :mod:`clipbatch.commits`."""
+    result (the flow, or :func:`run_plan`), in batches: see :mod:`clipbatch.sink.commits`."""
     ctx = shard_context(config, run_id, run_meta, shard.kind)
     result = process_shard(shard, ctx, fingerprint)
     crash_point("before_index", shard.name)
@@ -101,9 +101,9 @@ def committed_result(shard: ShardSpec, config: EmbedConfig, fingerprint: str) ->
     A retried task asks this for each of its shards (a footer read and a HEAD), so it
     goes on where the failed attempt stopped instead of redoing committed shards.
     """
-    from clipbatch.commits import file_version
-    from clipbatch.sink import output_uri, read_file_metadata
-    from clipbatch.storage import get_fs, with_retries
+    from clipbatch.io.storage import get_fs, with_retries
+    from clipbatch.sink.commits import file_version
+    from clipbatch.sink.writer import output_uri, read_file_metadata
 
     uri = output_uri(config.sink.url, shard.name)
     meta = read_file_metadata(uri, config.sink.storage)

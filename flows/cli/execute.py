@@ -12,8 +12,8 @@ def execute(config: EmbedConfig, progress: bool = False) -> tuple[dict[str, Any]
     from flows.warmup import WarmStart
 
     warm = WarmStart(config)  # Prefect's temporary server boots while we import and load
-    from clipbatch.runner import set_progress_listener
-    from clipbatch.summary import RunFailedError
+    from clipbatch.pipeline.summary import RunFailedError
+    from clipbatch.pipeline.worker import set_progress_listener
     from flows.embed import embed_dataset
 
     bar = None

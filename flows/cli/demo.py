@@ -21,9 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clipbatch.cli.execute import execute, print_summary
-    from clipbatch.model import TINY_CHECKPOINT
+    from clipbatch.models.loading import TINY_CHECKPOINT
     from clipbatch.synthetic import write_webdataset
+    from flows.cli.execute import execute, print_summary
 
     root = Path(args.dir).resolve()
     data, dest = root / "data", root / "embeddings"
@@ -64,7 +64,7 @@ DEMO_QUERIES = ("a red circle", "a large blue square", "a yellow star on the lef
 
 def show_queries(dest: str, device: str) -> None:
     """Answer a few text queries from the output table alone, so a person can judge it."""
-    from clipbatch.query import open_table, search
+    from clipbatch.query.table import open_table, search
 
     device = "cpu" if device == "auto" else device
     print("\nsearch:     text -> image, from the Parquet table alone (top 3, cosine)")

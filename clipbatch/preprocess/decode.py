@@ -4,7 +4,7 @@ A model's reference transform is resize -> (pad) -> crop -> RGB -> ToTensor -> N
 for OpenAI CLIP Resize(n_px, bicubic) -> CenterCrop(n_px), for other families what their
 own preprocessing says (:class:`clipbatch.preprocess.ImagePreprocess`, carried in
 :class:`DecodeOptions`). Resize and crop must happen per image; ToTensor and Normalize
-are a batched multiply-add, done later on the device (:mod:`clipbatch.encode`). In
+are a batched multiply-add, done later on the device (:mod:`clipbatch.encode.encoder`). In
 "exact" mode resize and crop call the same functions on the same image as the family's
 reference, so the pixels are identical to it.
 
@@ -24,7 +24,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from clipbatch.preprocess import ImagePreprocess, decode_jpegs_on_device, plain_jpeg, resize_crop
+from clipbatch.preprocess.resize import (
+    ImagePreprocess,
+    decode_jpegs_on_device,
+    plain_jpeg,
+    resize_crop,
+)
 from clipbatch.records import DECODE_ERROR, MISSING_IMAGE, OK, TOO_LARGE, PreparedSample, RawSample
 
 log = logging.getLogger(__name__)

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from clipbatch.faults import before_forward
-from clipbatch.model import LoadedModel
 from clipbatch.models.base import TokenBatch, Tokens, repeat_rows
+from clipbatch.models.loading import LoadedModel
 from clipbatch.models.openai import encode_text_trimmed
-from clipbatch.preprocess import CLIP_MEAN, CLIP_STD
+from clipbatch.preprocess.resize import CLIP_MEAN, CLIP_STD
 
 log = logging.getLogger(__name__)
 

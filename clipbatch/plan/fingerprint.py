@@ -35,7 +35,7 @@ from typing import Any
 
 from clipbatch.config import EmbedConfig, RuntimeConfig
 from clipbatch.records import ShardSpec
-from clipbatch.table import SCHEMA_VERSION
+from clipbatch.sink.schema import SCHEMA_VERSION
 
 FORMULA = 2
 OPENAI_CONTEXT = 77  # formula 1 only ever ran OpenAI-format models

@@ -32,13 +32,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipbatch.commits import file_version
 from clipbatch.config import SinkConfig
 from clipbatch.errors import ShardVerificationError
 from clipbatch.faults import crash_point
+from clipbatch.io.storage import get_fs, is_local_fs, join, move, remove_quietly, with_retries
 from clipbatch.records import OK, PreparedSample
-from clipbatch.storage import get_fs, is_local_fs, join, move, remove_quietly, with_retries
-from clipbatch.table import build_schema, decode_metadata, encode_metadata
+from clipbatch.sink.commits import file_version
+from clipbatch.sink.schema import build_schema, decode_metadata, encode_metadata
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ The Prefect layer stays as it is: the flow still maps one task run per shard, an
 task thread hands its shard to whichever worker is free (:func:`run_shard_on_devices`).
 With ``shard_concurrency`` at least the number of devices, every device stays busy.
 Commit, manifest and fingerprints work unchanged, because a worker runs the same
-:func:`clipbatch.runner.run_shard` a single process would.
+:func:`clipbatch.pipeline.worker.run_shard` a single process would.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _worker_main(device: str, target: Callable[..., Any], inbox: Any, outbox: An
         import torch
 
         torch.cuda.set_device(device)  # stray allocations land on this GPU, not cuda:0
-    from clipbatch.runner import set_progress_listener
+    from clipbatch.pipeline.worker import set_progress_listener
 
     # Rows done go back to the parent as they are written, so its progress bar moves.
     set_progress_listener(lambda rows: outbox.put(("progress", rows)))
@@ -121,7 +121,7 @@ class DevicePool:
         """Run ``target(device, *job)`` on a free worker; returns its result or raises its error."""
         if self._closed:
             raise RuntimeError("device pool is closed")
-        from clipbatch.runner import progress_listener
+        from clipbatch.pipeline.worker import progress_listener
 
         index = self._free.get()
         try:
@@ -175,8 +175,8 @@ def _run_shard_on(
     run_meta: dict[str, Any],
     credentials: dict[str, Any] | None = None,
 ) -> ShardResult:
-    from clipbatch.credentials import install
-    from clipbatch.runner import run_shard
+    from clipbatch.io.credentials import install
+    from clipbatch.pipeline.worker import run_shard
 
     install(credentials or {})
     runtime = config.runtime.model_copy(update={"device": device, "devices": ()})
@@ -209,10 +209,10 @@ def run_shard_on_devices(
 ) -> ShardResult:
     """Encode one shard on a free device worker (``runtime.devices``), or here when none set."""
     if not config.runtime.devices:
-        from clipbatch.runner import run_shard
+        from clipbatch.pipeline.worker import run_shard
 
         return run_shard(shard, config, run_id, fingerprint, run_meta)
-    from clipbatch.credentials import registered
+    from clipbatch.io.credentials import registered
 
     pool = device_pool(config.runtime.devices)
     # Credentials loaded from a Prefect block travel to the worker process in memory.

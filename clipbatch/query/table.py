@@ -19,18 +19,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipbatch.commits import (
+from clipbatch.config import ModelConfig, SinkConfig, StorageOptions
+from clipbatch.errors import ClipbatchError, ConfigError
+from clipbatch.io.storage import get_fs, with_retries
+from clipbatch.records import VECTOR_KEEP_RULES
+from clipbatch.sink.commits import (
     COMMITS_DIR,
     LEGACY_MANIFEST,
     CommitRecord,
     all_records,
     file_version,
 )
-from clipbatch.config import ModelConfig, SinkConfig, StorageOptions
-from clipbatch.errors import ClipbatchError, ConfigError
-from clipbatch.records import VECTOR_KEEP_RULES
-from clipbatch.storage import get_fs, with_retries
-from clipbatch.table import decode_metadata
+from clipbatch.sink.schema import decode_metadata
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +193,8 @@ class TextQueryEncoder:
     def __init__(
         self, table: OutputTable, device: str = "cpu", storage: StorageOptions | None = None
     ) -> None:
-        from clipbatch.encode import ClipEncoder
-        from clipbatch.model import load_model
+        from clipbatch.encode.encoder import ClipEncoder
+        from clipbatch.models.loading import load_model
 
         meta = table.model_metadata()
         config = model_config_for(table, storage)

@@ -51,7 +51,7 @@ def lookup(block: str) -> Credentials:
         raise ConfigError(
             f"credentials block {block!r} is not loaded in this process: clipbatch's Prefect "
             "flow and tasks load it from the Prefect API where they run (the library alone "
-            "needs clipbatch.credentials.register)"
+            "needs clipbatch.io.credentials.register)"
         )
     return found
 

@@ -112,7 +112,7 @@ def config_from_args(args: argparse.Namespace) -> EmbedConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clipbatch.cli.execute import execute, print_summary
+    from flows.cli.execute import execute, print_summary
 
     config = config_from_args(args)
     # Rows are counted where they are encoded: on a Dask/Ray cluster that is another process,

@@ -13,8 +13,8 @@ from clipbatch.errors import ClipbatchError
 
 # Each entry: (module, help). A module exposes add_arguments(parser) and run(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("clipbatch.cli.demo", "embed a built-in synthetic dataset offline, end to end"),
-    "run": ("clipbatch.cli.run", "embed a dataset (S3, any fsspec URL, or a local path)"),
+    "demo": ("flows.cli.demo", "embed a built-in synthetic dataset offline, end to end"),
+    "run": ("flows.cli.run", "embed a dataset (S3, any fsspec URL, or a local path)"),
     "search": ("clipbatch.cli.search", "text->image search over an output table"),
     "inspect": ("clipbatch.cli.inspect", "validate an output table; non-zero if inconsistent"),
     "lineage": ("clipbatch.cli.lineage", "trace rows to their source versions; exit 1 if stale"),

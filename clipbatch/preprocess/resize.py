@@ -1,7 +1,7 @@
 """The per-image part of CLIP's preprocessing, in uint8: resize the short side, centre-crop.
 
 Two modes, both giving uint8 HxWx3 at the model resolution; ToTensor and Normalize
-happen later, batched, on the device (:meth:`clipbatch.encode.ClipEncoder.pixels_to_input`).
+happen later, batched, on the device (:meth:`clipbatch.encode.encoder.ClipEncoder.pixels_to_input`).
 
 - ``exact``: the same torchvision calls on the same PIL image as the model's own
   transform, so the pixels (and so the embeddings) are bit-identical to the reference.

@@ -2,7 +2,7 @@
 
 Planning is done once, in the flow, with a bounded number of requests whatever the
 dataset's size: one listing of the source (its kind detected from it), one listing of
-``dest``, and the commit index's few segments (:mod:`clipbatch.commits`). A resumed run
+``dest``, and the commit index's few segments (:mod:`clipbatch.sink.commits`). A resumed run
 over 230,000 shards spends no task run and no request per shard on done work.
 
 A shard file that exists without a matching index record (a crash between the move and
@@ -18,7 +18,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from clipbatch.commits import (
+from clipbatch.config import EmbedConfig
+from clipbatch.errors import ConfigError
+from clipbatch.io.storage import check_writable
+from clipbatch.models.loading import ResolvedCheckpoint, resolve_checkpoint
+from clipbatch.plan.fingerprint import (
+    accepted_fingerprints,
+    effective_precision,
+    shard_fingerprint,
+)
+from clipbatch.records import ShardResult, ShardSpec
+from clipbatch.sink.commits import (
     CommitRecord,
     IndexView,
     listed_versions,
@@ -27,18 +37,8 @@ from clipbatch.commits import (
     utc_stamp,
     write_segment,
 )
-from clipbatch.config import EmbedConfig
-from clipbatch.errors import ConfigError
-from clipbatch.fingerprint import (
-    accepted_fingerprints,
-    effective_precision,
-    shard_fingerprint,
-)
-from clipbatch.model import ResolvedCheckpoint, resolve_checkpoint
-from clipbatch.records import ShardResult, ShardSpec
-from clipbatch.sink import output_uri, read_file_metadata
+from clipbatch.sink.writer import output_uri, read_file_metadata
 from clipbatch.sources import discover
-from clipbatch.storage import check_writable
 
 log = logging.getLogger(__name__)
 

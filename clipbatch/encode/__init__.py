@@ -1,0 +1,1 @@
+"""Stage 3: batched encoding of images and captions with a model family's backend."""

@@ -1,0 +1,1 @@
+"""Object storage: fsspec filesystems and versions, atomic writes, retries, credentials."""

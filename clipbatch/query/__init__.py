@@ -1,0 +1,1 @@
+"""Reading a table back: open it, search it, validate it."""

@@ -1,0 +1,1 @@
+"""Stage 4: rows to Parquet, the commit protocol, and the commit index."""

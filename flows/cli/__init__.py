@@ -1,0 +1,1 @@
+"""The ``clipbatch`` console script: the library's commands plus those that run flows."""
