@@ -97,7 +97,7 @@ def gpu_decode_fidelity(model: torch.nn.Module, count: int = 32) -> dict[str, fl
 
     from bench.common import cosines, jpegs, pil
     from clipbatch.encode.encoder import CLIP_MEAN, CLIP_STD
-    from clipbatch.preprocess.resize import decode_jpegs_on_device
+    from clipbatch.preprocess.device import decode_jpegs_on_device
 
     data = jpegs(count // 2, 512, 384, seed=5) + jpegs(count - count // 2, 1024, 700, seed=6)
     reference = torch.stack([_transform(224)(pil(d)) for d in data]).cuda()

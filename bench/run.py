@@ -93,7 +93,7 @@ def fidelity(model_arg: str, label: str, count: int) -> dict[str, Any]:
     from clipbatch.encode.encoder import ClipEncoder
     from clipbatch.models.loading import load_model
     from clipbatch.preprocess.decode import DecodeOptions, decode_to_pixels
-    from clipbatch.preprocess.resize import decode_jpegs_on_device
+    from clipbatch.preprocess.device import decode_jpegs_on_device
 
     loaded = load_model(ModelConfig(name=model_arg), "cpu")
     enc = ClipEncoder(loaded, batch_size=count)

@@ -95,6 +95,12 @@ class StorageOptions(_Frozen):
             # Listings decide what is done and what to skip; a cached listing from an
             # earlier run in the same process would be stale.
             kwargs.setdefault("use_listings_cache", False)
+            # One retry layer for storage calls: clipbatch's (clipbatch.io.retry). botocore
+            # makes one attempt (and s3fs too: clipbatch.io.storage.get_fs), so attempts
+            # never multiply.
+            config_kwargs = dict(kwargs.pop("config_kwargs", {}))
+            config_kwargs.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
+            kwargs["config_kwargs"] = config_kwargs
             client_kwargs = dict(kwargs.pop("client_kwargs", {}))
             if self.endpoint_url:
                 kwargs["endpoint_url"] = self.endpoint_url

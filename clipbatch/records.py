@@ -1,7 +1,7 @@
 """Typed records passed between the pipeline stages.
 
 reader -> :class:`RawSample` -> decode/preprocess -> :class:`PreparedSample`
--> encode -> :class:`EncodedBatch` -> sink. Row statuses are stable codes
+-> encode -> :class:`clipbatch.sink.rows.RowBlock` -> sink. Row statuses are stable codes
 (design.md §3): once a row has a non-ok status it still flows to the sink, with
 null embeddings, so every input row yields exactly one output row.
 """
@@ -104,18 +104,8 @@ class PreparedSample:
     width: int | None = None
     height: int | None = None
     image_sha256: bytes | None = None
-    caption_truncated: bool = False
     # preprocess="gpu": JPEG bytes left for the batched decoder on the model's device.
     deferred_jpeg: bytes | None = None
-
-
-@dataclass
-class EncodedBatch:
-    """Rows with their embeddings (None where the row has no image/caption)."""
-
-    rows: list[PreparedSample]
-    image_embeddings: list[np.ndarray | None]
-    text_embeddings: list[np.ndarray | None]
 
 
 @dataclass

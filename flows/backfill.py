@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from clipbatch.config import EmbedConfig, ModelConfig, RuntimeConfig, StorageOptions
 from clipbatch.errors import ClipbatchError, ConfigError
+from clipbatch.pipeline.window import completed
 from flows.partitions import (
     DATE_FIELDS,
     check_template,
@@ -221,60 +222,66 @@ def backfill(spec: BackfillConfig) -> dict[str, Any]:
     labels = [child_label(p, sl) for p, sl in children]
     started = _own_created_time()
     rows: dict[str, dict[str, Any]] = {}
-    active: dict[str, str] = {}  # flow run id -> label
-    pending = list(zip(labels, children, strict=True))
+    run_ids: dict[str, str] = {}  # label -> child flow run id, while it runs
     logger.info(
         "backfill of %d child run(s) through %s, %d at a time",
         len(children),
         spec.deployment,
         spec.max_concurrent_runs,
     )
-    with get_client(sync_client=True) as client:
-        while pending or active:
-            while pending and len(active) < spec.max_concurrent_runs:
-                label, (partition, shard_slice) = pending.pop(0)
-                params = child_parameters(spec, partition, shard_slice)
-                try:
-                    child = run_deployment(
-                        spec.deployment,
-                        parameters=params,
-                        idempotency_key=idempotency_key(spec, params),
-                        flow_run_name=f"backfill-{label}",
-                        tags=["backfill"],
-                        timeout=0,  # we poll ourselves, so the window stays full
+
+    def start(unit: tuple[str, tuple[str | None, str | None]]) -> str:
+        label, (partition, shard_slice) = unit
+        params = child_parameters(spec, partition, shard_slice)
+        try:
+            child = run_deployment(
+                spec.deployment,
+                parameters=params,
+                idempotency_key=idempotency_key(spec, params),
+                flow_run_name=f"backfill-{label}",
+                tags=["backfill"],
+                timeout=0,  # polled below, so the window stays full
+            )
+        except PrefectHTTPStatusError as e:
+            # The child deployment refused the parameters (its schema differs): record
+            # why, and go on with the other children.
+            detail = e.response.text if e.response is not None else str(e)
+            logger.error("%s: child run refused: %s", label, detail)
+            rows[label] = {
+                **_unit(partition, shard_slice),
+                "flow_run_id": "",
+                "flow_run_name": "",
+                "state": f"Refused: {detail[:300]}",
+                "reused": False,
+            }
+            return label
+        reused = started is not None and child.created is not None and child.created < started
+        rows[label] = _row(partition, shard_slice, child, reused)
+        if not _final(child):
+            run_ids[label] = str(child.id)
+        return label
+
+    def first_done(pending: list[str]) -> str:
+        """Poll the running children every poll_seconds until one of them is final."""
+        with get_client(sync_client=True) as client:
+            while True:
+                for label in pending:
+                    if label not in run_ids:
+                        return label
+                time.sleep(spec.poll_seconds)
+                for label in pending:
+                    child = client.read_flow_run(run_ids[label])
+                    row = rows[label]
+                    rows[label] = _row(
+                        row["partition"] or None, row["slice"] or None, child, row["reused"]
                     )
-                except PrefectHTTPStatusError as e:
-                    # The child deployment refused the parameters (its schema differs):
-                    # record why, and go on with the other children.
-                    detail = e.response.text if e.response is not None else str(e)
-                    logger.error("%s: child run refused: %s", label, detail)
-                    rows[label] = {
-                        **_unit(partition, shard_slice),
-                        "flow_run_id": "",
-                        "flow_run_name": "",
-                        "state": f"Refused: {detail[:300]}",
-                        "reused": False,
-                    }
-                    continue
-                reused = (
-                    started is not None and child.created is not None and child.created < started
-                )
-                rows[label] = _row(partition, shard_slice, child, reused)
-                if child.state is not None and child.state.is_final():
-                    continue
-                active[str(child.id)] = label
-            if not active:
-                break
-            time.sleep(spec.poll_seconds)
-            for run_id, label in list(active.items()):
-                child = client.read_flow_run(run_id)
-                row = rows[label]
-                rows[label] = _row(
-                    row["partition"] or None, row["slice"] or None, child, row["reused"]
-                )
-                if child.state is not None and child.state.is_final():
-                    active.pop(run_id)
-                    logger.info("%s: %s", label, child.state.name)
+                    if _final(child):
+                        run_ids.pop(label)
+                        logger.info("%s: %s", label, child.state.name)
+
+    units = list(zip(labels, children, strict=True))
+    for _ in completed(units, start, spec.max_concurrent_runs, first_done):
+        pass  # every child's row is up to date once it is handed back
     table = [rows[label] for label in labels]
     failed = [label for label, r in zip(labels, table, strict=True) if r["state"] != "Completed"]
     reused = sum(r["reused"] for r in table)
@@ -297,6 +304,10 @@ def backfill(spec: BackfillConfig) -> dict[str, Any]:
             "rerun with attempt bumped to retry them (completed shards are skipped)"
         )
     return summary
+
+
+def _final(child: Any) -> bool:
+    return child.state is not None and child.state.is_final()
 
 
 def _unit(partition: str | None, shard_slice: str | None) -> dict[str, str]:

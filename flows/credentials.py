@@ -11,7 +11,7 @@ session (so profiles and role assumption work), and registered in memory with
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from clipbatch.config import EmbedConfig, StorageOptions
 from clipbatch.errors import ConfigError
@@ -28,8 +28,12 @@ def storage_parts(config: EmbedConfig) -> Iterator[StorageOptions]:
 
 def load_credentials(config: EmbedConfig) -> None:
     """Register every block ``config`` names that this process has not loaded yet."""
+    load_storage_credentials(storage_parts(config))
+
+
+def load_storage_credentials(storages: Iterable[StorageOptions]) -> None:
     have = credentials.registered()
-    for storage in storage_parts(config):
+    for storage in storages:
         ref = storage.credentials_block
         if ref and ref not in have:
             have[ref] = block_credentials(ref)

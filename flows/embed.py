@@ -15,7 +15,6 @@ from typing import Annotated, Any
 from prefect import flow
 from prefect.futures import PrefectFuture, as_completed
 from prefect.logging import get_run_logger
-from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 from pydantic import Field
@@ -25,15 +24,17 @@ from clipbatch.errors import ShardTaskError
 from clipbatch.io.storage import check_writable
 from clipbatch.pipeline.devices import device_slots
 from clipbatch.pipeline.summary import RunFailedError, RunSummary
+from clipbatch.pipeline.window import completed
 from clipbatch.pipeline.worker import failed_result
 from clipbatch.plan.planner import ShardSlice, commit_record, plan_shards
 from clipbatch.records import ShardResult, ShardSpec
 from clipbatch.sink.commits import IndexWriter
-from clipbatch.sink.writer import clean_staging
+from clipbatch.sink.staging import clean_staging
 from flows.credentials import load_credentials
 from flows.observers import make_observers
 from flows.params import resolve_config
 from flows.partitions import scheduled_start_time
+from flows.run_meta import current_run_meta
 from flows.runners import shard_submitter
 from tasks.encode import encode_shards
 
@@ -42,19 +43,6 @@ from tasks.encode import encode_shards
 MAX_TASK_THREADS = 64
 # Past this many shards, shards are grouped so a flow run makes about this many task runs.
 MAX_TASK_RUNS = 1000
-
-
-def current_run_meta() -> dict[str, Any]:
-    """Prefect identifiers for lineage: flow run, deployment, parent run."""
-    return {
-        "flow_run_id": flow_run.get_id(),
-        "flow_run_name": flow_run.get_name(),
-        "flow_name": flow_run.get_flow_name(),
-        "deployment_id": deployment.get_id(),
-        "deployment_name": deployment.get_name(),
-        "parent_flow_run_id": flow_run.get_parent_flow_run_id(),
-        "scheduled_start_time": str(flow_run.get_scheduled_start_time() or "") or None,
-    }
 
 
 @flow(
@@ -207,10 +195,14 @@ def _run_windowed(
     finished: Callable[[ShardResult], None],
 ) -> None:
     """Submit groups with at most ``window`` task runs in flight; report every shard."""
-    in_flight: dict[PrefectFuture, list[ShardSpec]] = {}
 
-    def collect(done: PrefectFuture) -> None:
-        group = in_flight.pop(done)
+    def start(group: list[ShardSpec]) -> PrefectFuture:
+        return task.submit(group, [fingerprints[s.name] for s in group], config, run_id, meta)
+
+    def first_done(futures: list[PrefectFuture]) -> PrefectFuture:
+        return next(as_completed(futures))
+
+    for group, done in completed(groups, start, window, first_done):
         done.wait()
         if done.state.is_completed():
             results = list(done.result())
@@ -222,15 +214,6 @@ def _run_windowed(
             results = group_failure(group, fingerprints, exc, done.state)
         for result in results:
             finished(result)
-
-    for group in groups:
-        while len(in_flight) >= window:
-            collect(next(as_completed(list(in_flight))))
-        fps = [fingerprints[s.name] for s in group]
-        future = task.submit(group, fps, config, run_id, meta)
-        in_flight[future] = group
-    while in_flight:
-        collect(next(as_completed(list(in_flight))))
 
 
 def group_failure(

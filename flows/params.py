@@ -20,14 +20,27 @@ from flows.partitions import fill, is_template, partition_for, partition_values
 
 logger = logging.getLogger(__name__)
 
-# flat parameter -> dotted path in EmbedConfig
-FLAT_OVERRIDES = {
+# A flat name -> its dotted path in EmbedConfig. The CLI's flags (``--source-kind`` is
+# ``source_kind``) and the flow's flat parameters share this one table.
+CONFIG_PATHS = {
     "source": "source.url",
     "dest": "sink.url",
     "model": "model.name",
     "device": "runtime.device",
     "overwrite": "sink.overwrite",
+    "source_kind": "source.kind",
+    "checkpoint_sha256": "model.checkpoint_sha256",
+    "precision": "runtime.precision",
+    "shard_concurrency": "runtime.shard_concurrency",
+    "decode_workers": "runtime.decode_workers",
+    "task_runner": "runtime.task_runner",
+    "gpus_per_shard": "runtime.gpus_per_shard",
+    "preprocess": "runtime.preprocess",
+    "max_error_ratio": "runtime.max_error_ratio",
+    "dtype": "sink.dtype",
 }
+# The flow's flat parameters: what `prefect deployment run --param` users set most.
+FLAT_OVERRIDES = {k: CONFIG_PATHS[k] for k in ("source", "dest", "model", "device", "overwrite")}
 
 
 @dataclass(frozen=True)

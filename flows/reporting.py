@@ -2,6 +2,8 @@
 
 - ``clipbatch.shard.committed`` / ``clipbatch.shard.failed`` events, one per shard,
   with the counts and source version in the payload (automations can react to them);
+- ``clipbatch.run.completed`` when a run completes, about its table root (the
+  build-index deployment's trigger);
 - a progress artifact that advances as shards finish (at most one update per 2 s);
 - at the end, a markdown summary artifact (a table of shards, rows ok and failed,
   images/s, the destination) and an asset materialisation of the table, with its
@@ -15,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -29,13 +31,17 @@ from clipbatch.config import EmbedConfig
 from clipbatch.lineage.naming import dataset_prefix
 from clipbatch.lineage.redact import Redactor
 from clipbatch.pipeline.summary import RunSummary
-from clipbatch.plan.planner import RunPlan
 from clipbatch.records import ShardResult
+
+if TYPE_CHECKING:
+    from clipbatch.plan.planner import RunPlan
 
 log = logging.getLogger(__name__)
 
 SHARD_COMMITTED = "clipbatch.shard.committed"
 SHARD_FAILED = "clipbatch.shard.failed"
+# Emitted when a run completes; the build-index deployment's trigger reacts to it.
+RUN_COMPLETED = "clipbatch.run.completed"
 SUMMARY_KEY = "clipbatch-run-summary"
 PROGRESS_KEY = "clipbatch-run-progress"
 MAX_TABLE_ROWS = 200  # the markdown table lists at most this many shards
@@ -134,6 +140,37 @@ class PrefectReporter:
         )
         if summary.committed:
             self._materialize(summary)
+        if error is None:
+            self._emit_completed(summary)
+
+    def _emit_completed(self, summary: RunSummary) -> None:
+        """``clipbatch.run.completed`` about the table root (a partition's parent), with
+        ``clipbatch.changed`` saying whether the run wrote anything: the build-index
+        trigger matches changed tables only."""
+        from clipbatch.knn.tables import partition_root
+
+        root = self.redact.text(partition_root(self.config.sink.url))
+        emit_event(
+            event=RUN_COMPLETED,
+            resource={
+                "prefect.resource.id": f"clipbatch.table.{root}",
+                "prefect.resource.name": root.rsplit("/", 1)[-1],
+                "clipbatch.changed": "true" if summary.committed else "false",
+            },
+            payload=self.redact(
+                {
+                    "root": root,
+                    "dest": self.dest,
+                    # Non-secret by construction (StorageOptions refuses secrets), so the
+                    # index run reaches the same store the same way.
+                    "storage": self.config.sink.storage.model_dump(mode="json"),
+                    "run_id": summary.run_id,
+                    "shards_committed": summary.committed,
+                    "rows_written": summary.rows_written,
+                    **self.model,
+                }
+            ),
+        )
 
     def _materialize(self, summary: RunSummary) -> None:
         table = Asset(

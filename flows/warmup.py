@@ -77,8 +77,16 @@ class TemporaryServer:
         self.port = _free_port()
         env = {
             **os.environ,
-            # The same switches Prefect's SubprocessASGIServer sets.
             "PREFECT_UI_ENABLED": "0",
+            # Private switches, on purpose: they are the ones Prefect's own temporary server
+            # (SubprocessASGIServer) sets, and select its ephemeral mode, which runs only the
+            # services a temporary server needs. No public setting selects it: the public
+            # `prefect server start` runs every service (scheduler, foreman, late runs,
+            # triggers) on the cores the decoders need, and the public launcher class costs
+            # a 2.4 s GIL-bound import of prefect.server on the critical path, which the
+            # 2.5x wall-clock target (bench/RESULTS.md) cannot spare. Measured here on 2
+            # cores: time to /health is the same either way (6-8 s, noisy); what differs is
+            # the import and the background services.
             "PREFECT__SERVER_EPHEMERAL": "1",
             "PREFECT__SERVER_FINAL": "1",
         }
@@ -177,16 +185,11 @@ class TemporaryServer:
         self.released = False
 
 
-_server: TemporaryServer | None = None  # one per process, like Prefect's own
-
-
-def _temporary_server() -> TemporaryServer:
-    global _server
-    if _server is None or _server.process is None or _server.released:
-        _server = TemporaryServer()
-        _server.start()
-        _server.warm_up_in_background()
-    return _server
+def _start_temporary_server() -> TemporaryServer:
+    server = TemporaryServer()
+    server.start()
+    server.warm_up_in_background()
+    return server
 
 
 class WarmStart:
@@ -200,12 +203,12 @@ class WarmStart:
         # yet and the environment names no API, start the server first and ask after.
         speculative = "prefect" not in sys.modules and not os.environ.get("PREFECT_API_URL")
         if speculative:
-            self.server = _temporary_server()
+            self.server = _start_temporary_server()
         from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
         needed = not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value()
         if needed and self.server is None:
-            self.server = _temporary_server()
+            self.server = _start_temporary_server()
         elif not needed and self.server is not None:
             self.server.stop()  # a profile names a server after all
             self.server = None

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import Task, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import TaskRun
 from prefect.logging import get_run_logger
 from prefect.runtime import task_run
-from prefect.states import State
 
 from clipbatch.config import EmbedConfig
 from clipbatch.errors import ShardTaskError, is_transient
@@ -31,17 +29,9 @@ from clipbatch.lineage.transport import transport_configured
 from clipbatch.pipeline.devices import run_shard_on_devices
 from clipbatch.pipeline.worker import committed_result, failed_result
 from clipbatch.records import ShardResult, ShardSpec
-from clipbatch.sink.writer import output_uri
+from clipbatch.sink.layout import output_uri
 from flows.credentials import load_credentials
-
-
-def retry_on_transient(task: Task, task_run: TaskRun, state: State) -> bool:
-    """Retry network faults, throttling and lost workers; never bad data or bad config."""
-    try:
-        state.result()
-    except Exception as e:  # noqa: BLE001 - we classify, not handle
-        return is_transient(e)
-    return False
+from tasks.retry import retry_on_transient
 
 
 def group_name() -> str:

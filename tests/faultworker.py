@@ -22,7 +22,7 @@ from typing import Any
 from clipbatch.config import EmbedConfig
 from clipbatch.pipeline.worker import run_plan
 from clipbatch.plan.planner import plan_shards
-from clipbatch.sink.writer import clean_staging
+from clipbatch.sink.staging import clean_staging
 
 _CTX: Any = None
 

@@ -12,13 +12,8 @@ import pytest
 
 from clipbatch.cli.inspect import INCONSISTENT
 from clipbatch.config import StorageOptions, build_config
-from clipbatch.query.table import (
-    TextQueryEncoder,
-    embedding_matrix,
-    normalize_rows,
-    open_table,
-    search,
-)
+from clipbatch.query.search import TextQueryEncoder, search
+from clipbatch.query.table import embedding_matrix, normalize_rows, open_table
 from clipbatch.synthetic import write_webdataset
 from flows.cli.main import main
 from tests.conftest import upload_dir

@@ -4,7 +4,7 @@ The cluster is real processes (``dask scheduler``, ``dask worker --no-nanny``) s
 worker can be SIGKILLed like a lost machine. Workers reach moto through the same AWS_*
 environment and the Prefect test server through the settings prefect-dask ships with
 each task. Where tasks ran is read from a worker plugin that records the shard of every
-task a worker starts; model loads from ``clipbatch.models.loading.load_count`` on each worker.
+task a worker starts; model loads from ``process_context().model_loads`` on each worker.
 """
 
 from __future__ import annotations
@@ -124,9 +124,9 @@ class Cluster:
 
 def load_counts(cluster: Cluster) -> dict[str, int]:
     def count(dask_worker: Any) -> int:
-        import clipbatch.models.loading
+        import clipbatch.pipeline.process
 
-        return clipbatch.models.loading.load_count
+        return clipbatch.pipeline.process.process_context().model_loads
 
     return cluster.on_workers(count)
 
@@ -269,9 +269,12 @@ def test_dask_run_equals_local_run_on_gpu_workers_only(
 
 
 def _running_shard(dask_worker: Any) -> tuple[str | None, int]:
-    import clipbatch.models.loading
+    import clipbatch.pipeline.process
 
-    return dask_worker.plugins[PLUGIN].running, clipbatch.models.loading.load_count
+    return (
+        dask_worker.plugins[PLUGIN].running,
+        clipbatch.pipeline.process.process_context().model_loads,
+    )
 
 
 def _kill_when_running(cluster: Cluster, victim: str, killed: dict[str, Any]) -> None:

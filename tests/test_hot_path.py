@@ -20,7 +20,8 @@ from clipbatch.config import ModelConfig
 from clipbatch.encode.encoder import ClipEncoder, probe_batch_size
 from clipbatch.models.loading import LoadedModel, ResolvedCheckpoint, load_model
 from clipbatch.preprocess.decode import DecodeOptions, decode_to_pixels
-from clipbatch.preprocess.resize import decode_jpegs_on_device, resize_crop_array
+from clipbatch.preprocess.device import decode_jpegs_on_device
+from clipbatch.preprocess.resize import resize_crop_array
 from clipbatch.synthetic import jpeg_bytes, random_spec, render
 
 

@@ -153,7 +153,9 @@ def test_flow_with_every_family_equals_its_reference(
 
     # search and inspect work from the table alone, with the model its metadata names.
     from clipbatch.config import StorageOptions
-    from clipbatch.query.table import TextQueryEncoder, open_table, search, validate
+    from clipbatch.query.search import TextQueryEncoder, search
+    from clipbatch.query.table import open_table
+    from clipbatch.query.validate import validate
 
     storage_options = StorageOptions(endpoint_url=s3_endpoint)
     output = open_table(dest, storage_options)

@@ -99,7 +99,7 @@ def test_exact_mode_equals_transformers_own_calls(folders: dict[str, Path], kind
     fast = np.stack([decode_to_pixels(d, fast_opts)[0] for d in data])
     assert mf.cosines(enc.encode_images(fast), ref_img).min() >= 0.999
     # The gpu mode's batched decode path (torchvision's CPU decoder here), same geometry.
-    from clipbatch.preprocess.resize import decode_jpegs_on_device
+    from clipbatch.preprocess.device import decode_jpegs_on_device
 
     geometry = loaded.image_preprocess
     decoded = decode_jpegs_on_device(data, geometry.n_px, "cpu", lambda i: None, geometry)

@@ -19,7 +19,7 @@ from clipbatch.pipeline.devices import (
     device_pool,
     resolve_devices,
 )
-from clipbatch.pipeline.worker import set_progress_listener
+from clipbatch.pipeline.process import process_context
 from clipbatch.synthetic import write_webdataset
 from tests.multigpu_targets import die_on, report
 
@@ -100,11 +100,11 @@ def test_flow_spreads_shards_over_device_workers(tmp_path: Path, prefect_harness
         }
     )
     progress: list[int] = []
-    set_progress_listener(progress.append)  # the CLI's bar, fed from the worker processes
+    process_context().progress = progress.append  # the CLI's bar, fed from the workers
     try:
         summary = embed_dataset(config)
     finally:
-        set_progress_listener(None)
+        process_context().progress = None
         device_pool(["cpu", "cpu"]).close()
     assert summary["shards_committed"] == 4 and summary["rows_written"] == 24
     assert sum(progress) == 24 and len(progress) >= 4

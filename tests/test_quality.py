@@ -24,7 +24,8 @@ from clipbatch.config import ModelConfig, StorageOptions, build_config
 from clipbatch.encode.encoder import CLIP_MEAN, CLIP_STD
 from clipbatch.models.loading import TINY_ARCH, TINY_CHECKPOINT, load_model
 from clipbatch.preprocess.decode import DecodeOptions, decode_to_pixels
-from clipbatch.query.table import TextQueryEncoder, embedding_matrix, normalize_rows, open_table
+from clipbatch.query.search import TextQueryEncoder
+from clipbatch.query.table import embedding_matrix, normalize_rows, open_table
 from clipbatch.synthetic import (
     COLOURS,
     SHAPES,

@@ -21,14 +21,8 @@ from clipbatch.config import EmbedConfig, build_config
 from clipbatch.models.loading import TINY_ARCH
 from clipbatch.plan.planner import plan_shards
 from clipbatch.sink.commits import all_records, commits_uri
-from clipbatch.sink.writer import (
-    LOCAL_PREFIX,
-    STALE_AFTER_SECONDS,
-    TMP_DIR,
-    clean_local_temp,
-    clean_staging,
-    staging_id,
-)
+from clipbatch.sink.layout import LOCAL_PREFIX, TMP_DIR, staging_id
+from clipbatch.sink.staging import STALE_AFTER_SECONDS, clean_local_temp, clean_staging
 from clipbatch.synthetic import write_webdataset
 
 pytestmark = pytest.mark.timeout(180)

@@ -1,63 +1,31 @@
 """Object-storage access over fsspec: filesystems, versions, retries, atomic writes.
 
-Every I/O call that can fail transiently goes through :func:`with_retries`, which
-backs off exponentially with full jitter and retries only what :func:`is_transient`
-says may succeed. Secrets never pass through here as arguments: s3fs/botocore read
-them from the environment or a profile.
+Every I/O call that can fail transiently goes through
+:func:`clipbatch.io.retry.with_retries`, the storage layer's one retry policy. Secrets
+never pass through here as arguments: s3fs/botocore read them from the environment, a
+profile, or credentials registered from a Prefect block.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-import random
-import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
 
 from clipbatch.config import StorageOptions
-from clipbatch.errors import ConfigError, TransientIOError, is_transient
+from clipbatch.errors import ConfigError
 from clipbatch.faults import crash_point
+from clipbatch.io.retry import with_retries
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 LOCAL_PROTOCOLS = {"file", "local"}
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    attempts: int = 5
-    base_delay: float = 0.2
-    max_delay: float = 10.0
-
-
-DEFAULT_RETRY = RetryPolicy()
-
-
-def with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy = DEFAULT_RETRY) -> T:
-    """Call ``fn``; retry transient failures with exponential backoff and full jitter."""
-    for attempt in range(1, policy.attempts + 1):
-        try:
-            return fn()
-        except Exception as e:
-            if not is_transient(e):
-                raise
-            if attempt == policy.attempts:
-                raise TransientIOError(
-                    f"{what}: still failing after {attempt} attempts: {e}"
-                ) from e
-            delay = random.uniform(0, min(policy.max_delay, policy.base_delay * 2**attempt))
-            log.warning(
-                "%s failed (%s: %s); retry %d in %.2fs", what, type(e).__name__, e, attempt, delay
-            )
-            time.sleep(delay)
-    raise AssertionError("unreachable")
 
 
 def protocol_of(url: str) -> str:
@@ -79,6 +47,8 @@ def get_fs(
         fs, path = url_to_fs(url, **storage.fsspec_kwargs(protocol_of(url)))
     except (ImportError, ValueError) as e:
         raise ConfigError(f"cannot open {url!r}: {e}") from e
+    if hasattr(fs, "retries") and protocol_of(url) in ("s3", "s3a"):
+        fs.retries = 1  # s3fs's own retry loop, off: clipbatch.io.retry is the one layer
     return fs, path
 
 
@@ -140,6 +110,19 @@ def check_writable(url: str, storage: StorageOptions | None = None) -> None:
             f"destination {url!r} is not writable ({where}: {e.strerror or e}); choose "
             "another --dest, or one this user may write"
         ) from e
+
+
+def file_digests(
+    path: str | os.PathLike, algorithms: tuple[str, ...] = ("sha256",)
+) -> tuple[str, ...]:
+    """Hex digests of a local file, in one pass over it (e.g. sha256 to record it, md5 to
+    compare with an object store's ETag of a single-part upload)."""
+    hashes = [hashlib.new(name, usedforsecurity=False) for name in algorithms]
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            for h in hashes:
+                h.update(chunk)
+    return tuple(h.hexdigest() for h in hashes)
 
 
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:

@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 
 from clipbatch.config import StorageOptions
 from clipbatch.errors import ClipbatchError, SourceError
-from clipbatch.io.storage import get_fs, object_version, to_uri, with_retries
+from clipbatch.io.retry import with_retries
+from clipbatch.io.storage import get_fs, object_version, to_uri
 from clipbatch.sink.writer import read_file_metadata
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import uuid
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -46,6 +45,7 @@ from clipbatch.io.storage import get_fs
 from clipbatch.lineage.naming import dataset_id, dataset_prefix
 from clipbatch.lineage.redact import Redactor
 from clipbatch.lineage.transport import namespace, transport_configured
+from clipbatch.pipeline.process import process_context
 from clipbatch.pipeline.summary import RunSummary
 from clipbatch.plan.planner import RunPlan
 from clipbatch.records import ShardResult, ShardSpec
@@ -171,10 +171,6 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
-_clients: dict[tuple[Any, ...], OpenLineageClient] = {}
-_clients_lock = threading.Lock()
-
-
 def _config_signature() -> tuple[Any, ...]:
     env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("OPENLINEAGE")))
     return (env, os.getcwd())
@@ -182,13 +178,15 @@ def _config_signature() -> tuple[Any, ...]:
 
 def shared_client() -> OpenLineageClient:
     """One client per transport configuration and process: shard tasks reuse it."""
-    with _clients_lock:
+    process = process_context()
+    with process.lock:
+        clients = process.lineage_clients
         signature = _config_signature()
-        client = _clients.get(signature)
+        client = clients.get(signature)
         if client is None:
             client = OpenLineageClient()
             # The client aliases OPENLINEAGE_URL into more variables: key it both ways.
-            _clients[signature] = _clients[_config_signature()] = client
+            clients[signature] = clients[_config_signature()] = client
         return client
 
 

@@ -27,7 +27,8 @@ from typing import Any
 
 from clipbatch import __version__
 from clipbatch.config import EmbedConfig
-from clipbatch.io.storage import get_fs, join, read_bytes, with_retries, write_bytes_atomic
+from clipbatch.io.retry import with_retries
+from clipbatch.io.storage import get_fs, join, read_bytes, write_bytes_atomic
 from clipbatch.lineage.redact import Redactor
 from clipbatch.pipeline.summary import RunSummary
 from clipbatch.plan.planner import RunPlan

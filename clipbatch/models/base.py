@@ -3,7 +3,7 @@
 Every family (OpenAI ``clip``, ``open_clip``, transformers) is one module behind
 :class:`ModelBackend`. A backend gives, from the model itself:
 
-- its image preprocessing as data (:class:`~clipbatch.preprocess.ImagePreprocess`) and
+- its image preprocessing as data (:class:`~clipbatch.preprocess.resize.ImagePreprocess`) and
   its own reference transform (for tests and the bench);
 - its tokenizer, with the context length and a truncation flag per caption;
 - image and text encoders, and the embedding dimension.
@@ -39,7 +39,6 @@ class ResolvedCheckpoint:
     load_arg: str
     sha256: str
     display_name: str
-    is_builtin: bool = False
     trained: bool = True
     family: str = "openai"
     arch: str | None = None

@@ -9,6 +9,7 @@ disk, so a multi-gigabyte checkpoint is read once per machine, not once per proc
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -20,7 +21,8 @@ from pathlib import Path
 
 from clipbatch.config import StorageOptions
 from clipbatch.errors import ConfigError
-from clipbatch.io.storage import get_fs, object_version, protocol_of, with_retries
+from clipbatch.io.retry import with_retries
+from clipbatch.io.storage import file_digests, get_fs, object_version, protocol_of
 
 log = logging.getLogger(__name__)
 
@@ -39,42 +41,29 @@ def cache_dir() -> Path:
 
 
 def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-_sha_cache: dict[tuple[str, int, float], str] = {}
-_sha_lock = threading.Lock()
+    return file_digests(path)[0]
 
 
 def cached_sha256(path: str | Path) -> str:
     """sha256 of a file, remembered per (real path, size, mtime) in memory and on disk."""
     real = os.path.realpath(path)
     st = os.stat(real)
-    key = (real, st.st_size, st.st_mtime)
-    with _sha_lock:
-        if key in _sha_cache:
-            return _sha_cache[key]
+    return _sha256_of(real, st.st_size, st.st_mtime)
+
+
+@functools.lru_cache(maxsize=1024)
+def _sha256_of(real: str, size: int, mtime: float) -> str:
     memo = cache_dir() / "sha256" / (hashlib.sha256(real.encode()).hexdigest()[:32] + ".json")
     try:
         saved = json.loads(memo.read_text())
-        if (saved["size"], saved["mtime"]) == (st.st_size, st.st_mtime):
-            sha = str(saved["sha256"])
-        else:
-            sha = ""
+        same = (saved["size"], saved["mtime"]) == (size, mtime)
+        sha = str(saved["sha256"]) if same else ""
     except (OSError, ValueError, KeyError):
         sha = ""
     if not sha:
         sha = file_sha256(real)
-        if st.st_size > 64 << 20:  # worth remembering across processes
-            _write_atomic(
-                memo, json.dumps({"size": st.st_size, "mtime": st.st_mtime, "sha256": sha})
-            )
-    with _sha_lock:
-        _sha_cache[key] = sha
+        if size > 64 << 20:  # worth remembering across processes
+            _write_atomic(memo, json.dumps({"size": size, "mtime": mtime, "sha256": sha}))
     return sha
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,30 +133,27 @@ class LoadedModel:
         return self.backend.context_length
 
 
-_models: dict[tuple[str, str, str, str], LoadedModel] = {}
-_models_lock = threading.Lock()
-load_count = 0  # models actually loaded in this process (tests assert once-per-worker)
-
-
 def load_model(cfg: ModelConfig, device: str = "auto", precision: str = "auto") -> LoadedModel:
-    """Load (once per process) and return the model for ``cfg`` on ``device``."""
-    global load_count
+    """Load (once per process: :mod:`clipbatch.pipeline.process`) the model for ``cfg``."""
+    from clipbatch.pipeline.process import process_context
+
+    process = process_context()
     checkpoint = resolve_checkpoint(cfg)
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
     identity = repr(checkpoint.fingerprint_identity())
     key = (checkpoint.sha256, identity, dev, str(dtype))
-    with _models_lock:
-        if key in _models:
-            cached = _models[key]
+    with process.lock:
+        if key in process.models:
+            cached = process.models[key]
             # The same model under another name (a copy in object storage, openai:...): the
             # loaded weights are shared, the name and location are this call's.
             if cached.checkpoint != checkpoint:
                 return dataclasses.replace(cached, checkpoint=checkpoint)
             return cached
         loaded = _load(checkpoint, dev, dtype)
-        _models[key] = loaded
-        load_count += 1
+        process.models[key] = loaded
+        process.model_loads += 1
         log.info(
             "loaded %s (%s, sha256 %s…) on %s as %s",
             checkpoint.display_name,

@@ -97,7 +97,6 @@ def _resolve_tiny() -> ResolvedCheckpoint:
             load_arg=str(TINY_CHECKPOINT),
             sha256=cached_sha256(TINY_CHECKPOINT),
             display_name=TINY,
-            is_builtin=True,
             trained=True,
             context_length=OPENAI_CONTEXT,
         )
@@ -118,7 +117,6 @@ def _resolve_tiny() -> ResolvedCheckpoint:
         load_arg=str(path),
         sha256=cached_sha256(path),
         display_name=TINY,
-        is_builtin=True,
         trained=False,
         context_length=OPENAI_CONTEXT,
     )

@@ -18,12 +18,12 @@ import logging
 import multiprocessing as mp
 import os
 import queue
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from clipbatch.config import EmbedConfig
 from clipbatch.errors import ConfigError, TransientIOError
+from clipbatch.pipeline.process import process_context
 from clipbatch.records import ShardResult, ShardSpec
 
 log = logging.getLogger(__name__)
@@ -64,15 +64,18 @@ def device_slots(devices: Sequence[str]) -> int:
 
 def _worker_main(device: str, target: Callable[..., Any], inbox: Any, outbox: Any) -> None:
     """One process, one device: run jobs until told to stop (None)."""
+    from clipbatch.settings import apply_process_settings
+
+    apply_process_settings()  # a fresh interpreter: before torch loads
     os.environ["CLIPBATCH_WORKER_DEVICE"] = device
     if device.startswith("cuda"):
         import torch
 
         torch.cuda.set_device(device)  # stray allocations land on this GPU, not cuda:0
-    from clipbatch.pipeline.worker import set_progress_listener
+    from clipbatch.pipeline.process import process_context
 
     # Rows done go back to the parent as they are written, so its progress bar moves.
-    set_progress_listener(lambda rows: outbox.put(("progress", rows)))
+    process_context().progress = lambda rows: outbox.put(("progress", rows))
     while True:
         job = inbox.get()
         if job is None:
@@ -121,8 +124,6 @@ class DevicePool:
         """Run ``target(device, *job)`` on a free worker; returns its result or raises its error."""
         if self._closed:
             raise RuntimeError("device pool is closed")
-        from clipbatch.pipeline.worker import progress_listener
-
         index = self._free.get()
         try:
             proc, inbox, outbox = self._workers[index]
@@ -132,7 +133,7 @@ class DevicePool:
                     kind, value = outbox.get(timeout=_POLL_SECONDS)
                     if kind != "progress":
                         break
-                    listener = progress_listener()
+                    listener = process_context().progress
                     if listener is not None:
                         listener(value)
                 except queue.Empty:
@@ -185,17 +186,14 @@ def _run_shard_on(
     })  # fmt: skip
 
 
-_pools: dict[tuple[str, ...], DevicePool] = {}
-_pools_lock = threading.Lock()
-
-
 def device_pool(devices: Sequence[str]) -> DevicePool:
-    """The process-wide pool for ``devices`` (started on first use, closed at exit)."""
+    """This process's pool for ``devices`` (started on first use, closed at exit)."""
     resolved = tuple(resolve_devices(devices))
-    with _pools_lock:
-        pool = _pools.get(resolved)
+    process = process_context()
+    with process.lock:
+        pool = process.device_pools.get(resolved)
         if pool is None or pool.closed:
-            pool = _pools[resolved] = DevicePool(resolved, _run_shard_on)
+            pool = process.device_pools[resolved] = DevicePool(resolved, _run_shard_on)
             log.info("started %d device worker(s): %s", len(resolved), ", ".join(resolved))
         return pool
 
@@ -221,7 +219,8 @@ def run_shard_on_devices(
 
 @atexit.register
 def _close_pools() -> None:
-    with _pools_lock:
-        for pool in _pools.values():
+    process = process_context()
+    with process.lock:
+        for pool in process.device_pools.values():
             pool.close()
-        _pools.clear()
+        process.device_pools.clear()

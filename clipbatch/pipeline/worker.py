@@ -1,7 +1,11 @@
-"""Library-level entry points: per-process contexts, one shard, and a plain loop over a plan.
+"""The per-process worker, one shard, and a plain loop over a plan.
 
-The Prefect tasks call :func:`run_shard`; :func:`run_plan` is the same work without
-Prefect (benchmarks, tests, embedding from a notebook), including the commit index.
+A :class:`Worker` is what a process reuses across shards: the loaded model, the encoder
+(its tokenizer, and the batch size it learned: probed once with ``--batch-size auto``,
+kept after an out-of-memory halving), the readers, and the progress hook. One is built
+per setup and process, on first use, and every later shard of that setup uses it: the
+Prefect task calls :func:`run_shard`; :func:`run_plan` is the same work without Prefect
+(benchmarks, tests, a notebook), commit index included.
 """
 
 from __future__ import annotations
@@ -10,30 +14,75 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from clipbatch.config import EmbedConfig
+from clipbatch.config import EmbedConfig, SourceConfig
 from clipbatch.encode.encoder import ClipEncoder
 from clipbatch.faults import crash_point
-from clipbatch.models.loading import load_model
-from clipbatch.pipeline.shard import ProgressFn, ShardContext, process_shard
+from clipbatch.models.loading import LoadedModel, load_model
+from clipbatch.pipeline.process import process_context
+from clipbatch.pipeline.shard import ShardContext, process_shard
 from clipbatch.plan.planner import RunPlan, commit_record
 from clipbatch.records import ShardResult, ShardSpec
+from clipbatch.settings import allow_image_pixels
 from clipbatch.sink.commits import IndexWriter
-from clipbatch.sources import get_reader
+from clipbatch.sources import ShardReader, get_reader
 
 log = logging.getLogger(__name__)
 
-_progress: ProgressFn | None = None
+
+class Worker:
+    """Model, encoder, readers and learned batch size for one setup, in one process."""
+
+    def __init__(self, config: EmbedConfig) -> None:
+        runtime = config.runtime
+        allow_image_pixels(runtime.max_image_pixels)
+        self.loaded: LoadedModel = load_model(config.model, runtime.device, runtime.precision)
+        self.encoder = ClipEncoder(self.loaded, runtime.batch_size, config.model.max_caption_tokens)
+        if runtime.auto_batch_size:  # probed once per worker; later shards reuse it
+            self.encoder.find_batch_size(start=runtime.batch_size)
+        self._readers: dict[tuple[str, str], ShardReader] = {}
+
+    @staticmethod
+    def key(config: EmbedConfig) -> tuple[Any, ...]:
+        """What decides a worker's setup: the model, where it runs, and how it batches."""
+        runtime = config.runtime
+        return (
+            config.model.model_dump_json(),
+            runtime.device,
+            runtime.precision,
+            runtime.batch_size,
+            runtime.auto_batch_size,
+            runtime.max_image_pixels,
+        )
+
+    def reader(self, source: SourceConfig, kind: str | None) -> ShardReader:
+        key = (source.model_dump_json(), kind or source.kind)
+        if key not in self._readers:
+            self._readers[key] = get_reader(source, kind)
+        return self._readers[key]
+
+    def context(
+        self, config: EmbedConfig, run_id: str, run_meta: dict[str, Any] | None, kind: str | None
+    ) -> ShardContext:
+        return ShardContext(
+            config=config,
+            reader=self.reader(config.source, kind),
+            loaded=self.loaded,
+            encoder=self.encoder,
+            run_id=run_id,
+            run_meta=dict(run_meta or {}),
+            progress=process_context().progress,
+        )
 
 
-def set_progress_listener(fn: ProgressFn | None) -> None:
-    """Register a callback for rows done (the CLI's progress bar). Process-wide."""
-    global _progress
-    _progress = fn
-
-
-def progress_listener() -> ProgressFn | None:
-    """The registered rows-done callback, if any (device workers forward to it)."""
-    return _progress
+def worker_for(config: EmbedConfig) -> Worker:
+    """This process's worker for ``config``'s setup, built on first use."""
+    process = process_context()
+    key = Worker.key(config)
+    with process.lock:
+        worker = process.workers.get(key)
+        if worker is None:
+            worker = process.workers[key] = Worker(config)
+        return worker
 
 
 def shard_context(
@@ -42,21 +91,8 @@ def shard_context(
     run_meta: dict[str, Any] | None = None,
     kind: str | None = None,
 ) -> ShardContext:
-    """Reader, model and encoder for ``config``. The model is loaded once per process.
-
-    ``kind`` is the source kind the plan resolved; a shard task never lists the dataset.
-    """
-    loaded = load_model(config.model, config.runtime.device, config.runtime.precision)
-    encoder = ClipEncoder(loaded, config.runtime.batch_size, config.model.max_caption_tokens)
-    return ShardContext(
-        config=config,
-        reader=get_reader(config.source, kind),
-        loaded=loaded,
-        encoder=encoder,
-        run_id=run_id,
-        run_meta=dict(run_meta or {}),
-        progress=_progress,
-    )
+    """A shard's context from this process's worker (``kind``: the plan's resolved kind)."""
+    return worker_for(config).context(config, run_id, run_meta, kind)
 
 
 def run_shard(
@@ -101,9 +137,11 @@ def committed_result(shard: ShardSpec, config: EmbedConfig, fingerprint: str) ->
     A retried task asks this for each of its shards (a footer read and a HEAD), so it
     goes on where the failed attempt stopped instead of redoing committed shards.
     """
-    from clipbatch.io.storage import get_fs, with_retries
+    from clipbatch.io.retry import with_retries
+    from clipbatch.io.storage import get_fs
     from clipbatch.sink.commits import file_version
-    from clipbatch.sink.writer import output_uri, read_file_metadata
+    from clipbatch.sink.layout import output_uri
+    from clipbatch.sink.writer import read_file_metadata
 
     uri = output_uri(config.sink.url, shard.name)
     meta = read_file_metadata(uri, config.sink.storage)

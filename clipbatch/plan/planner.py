@@ -37,7 +37,8 @@ from clipbatch.sink.commits import (
     utc_stamp,
     write_segment,
 )
-from clipbatch.sink.writer import output_uri, read_file_metadata
+from clipbatch.sink.layout import output_uri
+from clipbatch.sink.writer import read_file_metadata
 from clipbatch.sources import discover
 
 log = logging.getLogger(__name__)

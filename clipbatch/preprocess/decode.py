@@ -2,7 +2,7 @@
 
 A model's reference transform is resize -> (pad) -> crop -> RGB -> ToTensor -> Normalize;
 for OpenAI CLIP Resize(n_px, bicubic) -> CenterCrop(n_px), for other families what their
-own preprocessing says (:class:`clipbatch.preprocess.ImagePreprocess`, carried in
+own preprocessing says (:class:`clipbatch.preprocess.resize.ImagePreprocess`, carried in
 :class:`DecodeOptions`). Resize and crop must happen per image; ToTensor and Normalize
 are a batched multiply-add, done later on the device (:mod:`clipbatch.encode.encoder`). In
 "exact" mode resize and crop call the same functions on the same image as the family's
@@ -18,26 +18,16 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from clipbatch.preprocess.resize import (
-    ImagePreprocess,
-    decode_jpegs_on_device,
-    plain_jpeg,
-    resize_crop,
-)
+from clipbatch.preprocess.device import decode_jpegs_on_device, plain_jpeg
+from clipbatch.preprocess.resize import ImagePreprocess, resize_crop
 from clipbatch.records import DECODE_ERROR, MISSING_IMAGE, OK, TOO_LARGE, PreparedSample, RawSample
 
 log = logging.getLogger(__name__)
-
-# We enforce our own pixel limit from the header before decoding; PIL's global limit
-# would raise for a different threshold (and warn below it), so switch it off.
-Image.MAX_IMAGE_PIXELS = None
-warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 
 @dataclass(frozen=True)
@@ -76,6 +66,11 @@ def prepare(raw: RawSample, opts: DecodeOptions) -> PreparedSample:
         pixels, width, height = decode_to_pixels(data, opts.cpu)
     except _TooLarge as e:
         _fail(raw, TOO_LARGE, str(e))
+        return out
+    except Image.DecompressionBombError as e:
+        # PIL refuses far larger images (2x its own limit) from the header in Image.open,
+        # before our check runs; the row gets the same status and names our limit.
+        _fail(raw, TOO_LARGE, f"more than max_image_pixels {opts.max_pixels:,}: {e}")
         return out
     except Exception as e:  # noqa: BLE001 - any decoder failure is a row status, by design
         _fail(raw, DECODE_ERROR, _describe(e, data))

@@ -12,8 +12,7 @@ happen later, batched, on the device (:meth:`clipbatch.encode.encoder.ClipEncode
   (measured in bench/ and asserted in tests/test_hot_path.py). Callers may pair it with
   JPEG draft decoding (DCT-domain downscaling) for large images.
 
-Optional GPU decoding (:func:`decode_jpegs_on_device`) batches ``torchvision.io.decode_jpeg``
-on a CUDA device and falls back per image to the CPU path for anything it cannot decode.
+GPU decoding (``gpu`` mode) is :mod:`clipbatch.preprocess.device`.
 
 What "the model's own transform" does is data, :class:`ImagePreprocess`, read from the
 model itself (clip's ``_transform``, open_clip's ``PreprocessCfg``, a transformers image
@@ -26,10 +25,7 @@ transformers' torchvision image processors do). ``exact`` follows that reference
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
-from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -41,8 +37,6 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 log = logging.getLogger(__name__)
-
-MODES = ("exact", "fast")
 
 # OpenAI CLIP's normalisation (clip's _transform, open_clip's OPENAI_DATASET_MEAN/STD).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -182,10 +176,10 @@ def resize_crop(
         new_w, new_h = g.resized_size(width, height)
         resized = TF.resize(rgb, [new_h, new_w], interpolation=_PIL_INTERPOLATION[g.interpolation])
         return np.asarray(_pad_crop_pil(resized, g), dtype=np.uint8)
-    if mode in MODES:
+    if mode in ("exact", "fast"):
         # A writable copy: torch does not take read-only numpy buffers without a warning.
         return resize_crop_array(np.array(rgb, dtype=np.uint8), n_px, g)
-    raise ValueError(f"unknown preprocessing mode {mode!r}; expected one of {MODES}")
+    raise ValueError(f"unknown preprocessing mode {mode!r}; expected 'exact' or 'fast'")
 
 
 def _pad_crop_pil(img: Image.Image, g: ImagePreprocess) -> Image.Image:
@@ -253,100 +247,3 @@ def resize_via_float(
         t.float(), size=(height, width), mode=mode, antialias=True, align_corners=False
     )
     return out.round_().clamp_(0, 255).to(torch.uint8)
-
-
-def gpu_decode_available(device: str) -> bool:
-    """GPU JPEG decoding needs a CUDA device and torchvision's nvjpeg support."""
-    if not device.startswith("cuda") or not torch.cuda.is_available():
-        return False
-    try:
-        from torchvision.io import decode_jpeg  # noqa: F401
-    except ImportError:  # pragma: no cover - torchvision always ships it today
-        return False
-    return True
-
-
-def decode_jpegs_on_device(
-    datas: Sequence[bytes],
-    n_px: int,
-    device: str,
-    cpu_fallback: Callable[[int], np.ndarray | None],
-    geometry: ImagePreprocess | None = None,
-) -> list[torch.Tensor | np.ndarray | None]:
-    """Decode a batch of JPEGs with ``torchvision.io.decode_jpeg`` on ``device``, resize+crop there.
-
-    ``geometry`` is the family's preprocessing (None: OpenAI CLIP's at ``n_px``).
-    Returns, per input, a uint8 3xHxW tensor at the model's size on the device, or whatever
-    ``cpu_fallback(index)`` returns for an input the batched decode could not take (not a
-    baseline JPEG, CMYK, corrupt, ...). Orientation is not applied by nvjpeg, so inputs
-    with EXIF orientation go to the fallback too.
-    """
-    out: list[torch.Tensor | np.ndarray | None] = [None] * len(datas)
-    todo = [i for i, d in enumerate(datas) if plain_jpeg(d)]
-    if todo:
-        with _private_stream(device) as consumer:
-            for i, img in zip(todo, _decode_batch([datas[i] for i in todo], device), strict=True):
-                if img is not None:
-                    out[i] = resize_crop_tensor(img.unsqueeze(0), n_px, geometry)[0]
-        if consumer is not None:
-            for i in todo:
-                t = out[i]
-                if isinstance(t, torch.Tensor):
-                    t.record_stream(consumer)  # not reused while the model's stream reads it
-    for i in range(len(datas)):
-        if out[i] is None:
-            out[i] = cpu_fallback(i)
-    return out
-
-
-def _decode_batch(datas: Sequence[bytes], device: str) -> list[torch.Tensor | None]:
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    inputs = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-    try:
-        return list(decode_jpeg(inputs, mode=ImageReadMode.RGB, device=device))
-    except RuntimeError as e:  # one bad image fails the batch: retry one by one
-        log.debug("batched device decode failed (%s); decoding one by one", e)
-        return [_decode_one(x, device) for x in inputs]
-
-
-_streams = threading.local()
-
-
-@contextlib.contextmanager
-def _private_stream(device: str) -> Iterator[torch.cuda.Stream | None]:
-    """On CUDA, run the block on this thread's private stream, idle before and after.
-
-    Yields the caller's stream (the consumer of the results), or None off CUDA.
-    torchvision's CUDA decoder allocates its outputs on the current stream but writes
-    them from a stream of its own without waiting (pytorch/vision#9606): on the model's
-    stream it could be handed a block that queued kernels still read. A private stream
-    that is idle when the decode starts only owns idle blocks.
-    """
-    if not device.startswith("cuda"):
-        yield None
-        return
-    consumer = torch.cuda.current_stream(device)
-    streams: dict[str, torch.cuda.Stream] = getattr(_streams, "by_device", {})
-    _streams.by_device = streams
-    stream = streams.get(device)
-    if stream is None:
-        stream = streams[device] = torch.cuda.Stream(device)
-    stream.synchronize()
-    with torch.cuda.stream(stream):
-        yield consumer
-    stream.synchronize()  # results complete before the model's stream reads them
-
-
-def _decode_one(data: torch.Tensor, device: str) -> torch.Tensor | None:
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
-        return None
-
-
-def plain_jpeg(data: bytes) -> bool:
-    """A JPEG without an EXIF block (orientation would need a transpose nvjpeg does not do)."""
-    return data[:3] == b"\xff\xd8\xff" and b"Exif\x00\x00" not in data[:65536]

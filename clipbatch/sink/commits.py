@@ -47,6 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipbatch.config import SinkConfig
+from clipbatch.io.retry import with_retries
 from clipbatch.io.storage import (
     get_fs,
     is_local_fs,
@@ -54,7 +55,6 @@ from clipbatch.io.storage import (
     object_version,
     read_bytes,
     remove_quietly,
-    with_retries,
     write_bytes_atomic,
 )
 

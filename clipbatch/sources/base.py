@@ -70,3 +70,15 @@ def discover(source: SourceConfig) -> tuple[str, list[ShardSpec]]:
     listing = list_source_url(source)
     kind = source.kind if source.kind != "auto" else detect_kind(source, listing)
     return kind, get_reader(source, kind).shards_from(listing)
+
+
+def check_unique_names(shards: list[ShardSpec]) -> None:
+    """Two shards with one output name would overwrite each other: refuse the source."""
+    names: dict[str, str] = {}
+    for s in shards:
+        if s.name in names:
+            raise ConfigError(
+                f"two shards map to the same output name {s.name!r}: {names[s.name]} and {s.uri}; "
+                "point the source at one folder of shards"
+            )
+        names[s.name] = s.uri

@@ -10,20 +10,19 @@ object or an HTTP 404/410 is ``not_found`` at once; everything else is ``fetch_e
 from __future__ import annotations
 
 import logging
-import random
 import socket
-import time
 import urllib.error
 import urllib.request
-from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
 from clipbatch.config import SourceConfig
-from clipbatch.errors import ConfigError, is_transient
+from clipbatch.errors import ConfigError
+from clipbatch.io.retry import RetryPolicy, retrying
 from clipbatch.io.storage import get_fs
+from clipbatch.pipeline.window import ordered
 from clipbatch.records import BLOCKED_URL, FETCH_ERROR, NOT_FOUND, TOO_LARGE
 from clipbatch.sources.netguard import AddressPolicy, BlockedAddressError, guarded_opener
 
@@ -64,21 +63,14 @@ class Fetcher:
         self.retries = source.fetch_retries
         self.max_bytes = source.fetch_max_bytes
         self.concurrency = source.fetch_concurrency
+        self.policy = RetryPolicy(attempts=source.fetch_retries + 1, base_delay=_BACKOFF_BASE_S)
         # Every connection, redirects included, to public addresses or allow_networks only.
         self.opener = guarded_opener(AddressPolicy.of(source.allow_networks))
 
     def fetch_many(self, refs: Iterable[str | None]) -> Iterator[Fetched | None]:
         """Results in the order of ``refs``; ``None`` in, ``None`` out."""
-        refs = list(refs)
-        todo = [r for r in refs if r is not None]
-        if not todo:
-            yield from (None for _ in refs)
-            return
-        workers = min(self.concurrency, len(todo))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch") as pool:
-            futures = [pool.submit(self.fetch, r) if r is not None else None for r in refs]
-            for f in futures:
-                yield f.result() if f is not None else None
+        for _, got in self.fetch_ordered((ref, ref) for ref in refs):
+            yield got
 
     def fetch_ordered(
         self, items: Iterable[tuple[T, str | None]]
@@ -88,43 +80,42 @@ class Fetcher:
         A sliding window rather than batches: one slow URL holds back only the rows
         behind it in the output, while fetches further ahead keep running.
         """
-        window = 4 * self.concurrency
         pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="fetch")
-        pending: deque[tuple[T, Future[Fetched] | None]] = deque()
+
+        def start(item: tuple[T, str | None]) -> Future[Fetched] | None:
+            ref = item[1]
+            return pool.submit(self.fetch, ref) if ref is not None else None
+
         try:
-            for item, ref in items:
-                pending.append((item, pool.submit(self.fetch, ref) if ref is not None else None))
-                while pending and (
-                    len(pending) >= window or pending[0][1] is None or pending[0][1].done()
-                ):
-                    head, future = pending.popleft()
-                    yield head, future.result() if future is not None else None
-            while pending:
-                head, future = pending.popleft()
-                yield head, future.result() if future is not None else None
+            for (item, _), future in ordered(items, start, ahead=4 * self.concurrency):
+                yield item, future.result() if future is not None else None
         finally:
             # A consumer that stops early must not wait for fetches it will never read.
             pool.shutdown(wait=False, cancel_futures=True)
 
     def fetch(self, ref: str) -> Fetched:
-        for attempt in range(self.retries + 1):
-            try:
-                return Fetched(data=self._get(ref))
-            except _NotFound as e:
-                return Fetched(status=NOT_FOUND, error=f"{ref}: {e}")
-            except _TooBig as e:
-                return Fetched(status=TOO_LARGE, error=f"{ref}: {e}")
-            except BlockedAddressError as e:
-                return Fetched(status=BLOCKED_URL, error=f"{ref}: {e}")
-            except ConfigError as e:
-                return Fetched(status=FETCH_ERROR, error=f"{ref}: {e}")
-            except Exception as e:  # noqa: BLE001 - every failure becomes a row status
-                if is_transient(e) and attempt < self.retries:
-                    time.sleep(random.uniform(0, _BACKOFF_BASE_S * 2**attempt))
-                    continue
-                tries = f" after {attempt + 1} attempts" if attempt else ""
-                return Fetched(status=FETCH_ERROR, error=f"{ref}: {_describe(e)}{tries}")
-        raise AssertionError("unreachable")
+        """One reference, with ``fetch_retries`` retries of transient failures."""
+        attempts = 0
+
+        def get() -> bytes:
+            nonlocal attempts
+            attempts += 1
+            return self._get(ref)
+
+        try:
+            # Retries are quiet: a failing URL ends as a row status, counted and rate-limited.
+            return Fetched(data=retrying(self.policy, f"fetch {ref}", logging.DEBUG)(get))
+        except _NotFound as e:
+            return Fetched(status=NOT_FOUND, error=f"{ref}: {e}")
+        except _TooBig as e:
+            return Fetched(status=TOO_LARGE, error=f"{ref}: {e}")
+        except BlockedAddressError as e:
+            return Fetched(status=BLOCKED_URL, error=f"{ref}: {e}")
+        except ConfigError as e:
+            return Fetched(status=FETCH_ERROR, error=f"{ref}: {e}")
+        except Exception as e:  # noqa: BLE001 - every failure becomes a row status
+            tries = f" after {attempts} attempts" if attempts > 1 else ""
+            return Fetched(status=FETCH_ERROR, error=f"{ref}: {_describe(e)}{tries}")
 
     def _get(self, ref: str) -> bytes:
         if is_url(ref):

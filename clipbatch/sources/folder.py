@@ -12,7 +12,6 @@ the slice that holds it.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -22,10 +21,10 @@ import pyarrow as pa
 from clipbatch.config import SourceConfig
 from clipbatch.errors import ConfigError
 from clipbatch.io.storage import get_fs, to_uri
-from clipbatch.records import DUPLICATE_KEY, MISSING_CAPTION, MISSING_IMAGE, RawSample, ShardSpec
+from clipbatch.records import DUPLICATE_KEY, MISSING_IMAGE, RawSample, ShardSpec
 from clipbatch.sources.fetch import Fetcher
 from clipbatch.sources.listing import Listing, filter_suffixes
-from clipbatch.sources.text import caption_from_value, decode_caption
+from clipbatch.sources.text import parse_json, set_caption
 
 log = logging.getLogger(__name__)
 
@@ -160,36 +159,21 @@ class FolderReader:
     def _json(self, files: dict[str, tuple[str, Any]], sample: RawSample) -> Any:
         if "json" not in files:
             return None
-        rel, got = files["json"]
+        _, got = files["json"]
         if got.data is None:
             sample.extra["json"] = None
             return None
-        try:
-            meta = json.loads(got.data)
-            sample.extra["json"] = json.dumps(meta, sort_keys=True, ensure_ascii=False)
-            return meta
-        except (ValueError, UnicodeDecodeError):
-            sample.extra["json"] = got.data.decode("utf-8", "replace")
-            return None
+        meta, sample.extra["json"] = parse_json(got.data)
+        return meta
 
     def _set_caption(self, sample: RawSample, files: dict[str, tuple[str, Any]], meta: Any) -> None:
-        field = self.source.caption_json_field
-        if field:
-            value = meta.get(field) if isinstance(meta, dict) else None
-            if value is None:
-                sample.status, sample.error = MISSING_CAPTION, f"no {field!r} field in the .json"
-                return
-            sample.caption, problem = caption_from_value(value)
-        elif self.caption_ext is None:
-            return
-        elif self.caption_ext in files:
-            rel, got = files[self.caption_ext]
-            if got.data is None:
-                sample.status, sample.error = MISSING_CAPTION, got.error
-                return
-            sample.caption, problem = decode_caption(got.data)
-        else:
-            sample.status, sample.error = MISSING_CAPTION, f"no .{self.caption_ext} file"
-            return
-        if problem:
-            sample.status, sample.error = problem
+        got = files[self.caption_ext][1] if self.caption_ext in files else None
+        set_caption(
+            sample,
+            self.source.caption_json_field,
+            meta,
+            self.caption_ext,
+            got.data if got is not None else None,
+            got.error if got is not None else f"no .{self.caption_ext} file",
+            "the .json",
+        )

@@ -18,17 +18,18 @@ hundred bytes per object, not the store's full answer.
 
 from __future__ import annotations
 
-import itertools
 import posixpath
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import fsspec
+from braceexpand import UnbalancedBracesError, braceexpand
 from fsspec.utils import glob_translate
 
 from clipbatch.errors import ConfigError, SourceError
-from clipbatch.io.storage import object_version, with_retries
+from clipbatch.io.retry import with_retries
+from clipbatch.io.storage import object_version
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
@@ -39,24 +40,19 @@ MAX_FOLDER_LISTINGS = 8
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """Expand ``{a,b}`` and zero-padded ``{000..123}`` ranges, in order."""
-    match = _BRACE.search(pattern)
-    if not match:
-        return [pattern]
-    body = match.group(1)
-    rng = _RANGE.match(body)
-    if rng:
-        lo_s, hi_s = rng.groups()
-        lo, hi = int(lo_s), int(hi_s)
-        width = len(lo_s) if lo_s.startswith("0") and len(lo_s) > 1 else 0
-        step = 1 if hi >= lo else -1
-        options = [str(i).zfill(width) for i in range(lo, hi + step, step)]
-    elif "," in body:
-        options = body.split(",")
-    else:
-        raise ConfigError(f"cannot expand brace pattern {{{body}}} in {pattern!r}")
-    head, tail = pattern[: match.start()], pattern[match.end() :]
-    return list(itertools.chain.from_iterable(expand_braces(head + o + tail) for o in options))
+    """Expand ``{a,b}`` and zero-padded ``{000..123}`` ranges, in order (braceexpand).
+
+    A brace group that is neither a list nor a range, or unbalanced braces, is a
+    :class:`ConfigError`: a literal ``{`` in a dataset URL is far more likely a typo.
+    """
+    for match in _BRACE.finditer(pattern):
+        body = match.group(1)
+        if not _RANGE.match(body) and "," not in body:
+            raise ConfigError(f"cannot expand brace pattern {{{body}}} in {pattern!r}")
+    try:
+        return list(braceexpand(pattern))
+    except UnbalancedBracesError as e:
+        raise ConfigError(f"cannot expand brace pattern in {pattern!r}: {e}") from None
 
 
 def has_pattern(path: str) -> bool:
@@ -110,7 +106,7 @@ def _object_info(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> Object
     return ObjectInfo(path=path, version=object_version(fs, path, info), size=size)
 
 
-def _find(
+def find_files(
     fs: fsspec.AbstractFileSystem, root: str
 ) -> dict[str, dict] | Iterable[tuple[str, ObjectInfo]]:
     """Every file under ``root``, recursively: (path, info) pairs.
@@ -212,7 +208,7 @@ def _under(root: str, path: str) -> str:
 def _match_glob(listing: Listing, pattern: str, matched: dict[str, ObjectInfo]) -> None:
     static = pattern[: min(pattern.index(c) for c in _GLOB_CHARS if c in pattern)]
     root = static.rsplit("/", 1)[0] if "/" in static else ""
-    entries = _find(listing.fs, root) if root else {}
+    entries = find_files(listing.fs, root) if root else {}
     listing.requests += 1
     _add_tree(listing, root, entries, complete=True)
     regex = re.compile(glob_translate(pattern.rstrip("/")))
@@ -230,7 +226,7 @@ def _match_path(listing: Listing, path: str, matched: dict[str, ObjectInfo]) -> 
         raise ConfigError(f"source {listing.url!r} does not exist") from None
     listing.requests += 1
     if info.get("type") == "directory":
-        entries = _find(fs, path)
+        entries = find_files(fs, path)
         listing.requests += 1
         _add_tree(listing, path, entries, complete=True)
         for p, obj in listing.files.items():
@@ -289,7 +285,7 @@ def _match_folders(
     folder_names: set[str],
 ) -> None:
     """One recursive listing of ``root``; files below a folder named in ``wanted`` match."""
-    entries = _find(listing.fs, root)
+    entries = find_files(listing.fs, root)
     listing.requests += 1
     _add_tree(listing, root, entries, complete=True)
     for p, obj in listing.files.items():

@@ -34,7 +34,8 @@ import pyarrow.parquet as pq
 
 from clipbatch.config import SourceConfig
 from clipbatch.errors import ConfigError, SourceError
-from clipbatch.io.storage import get_fs, is_local, to_uri, with_retries
+from clipbatch.io.retry import RetryingReader, with_retries
+from clipbatch.io.storage import get_fs, is_local, to_uri
 from clipbatch.records import (
     BAD_ROW,
     DUPLICATE_KEY,
@@ -43,11 +44,12 @@ from clipbatch.records import (
     RawSample,
     ShardSpec,
 )
+from clipbatch.sink.schema import passthrough_name
+from clipbatch.sources.base import check_unique_names
 from clipbatch.sources.detect import TABLE_SUFFIXES
 from clipbatch.sources.fetch import Fetcher
 from clipbatch.sources.listing import Listing, filter_suffixes
 from clipbatch.sources.text import caption_from_value
-from clipbatch.sources.webdataset import _check_unique_names, sidecar_name
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +121,7 @@ class TableReader:
             raise ConfigError(
                 f"table source {self.source.url!r} has no Parquet, CSV or JSONL files"
             )
-        _check_unique_names(shards)
+        check_unique_names(shards)
         return shards
 
     def _row_ranges(self, fs: Any, path: str) -> list[tuple[int, int]] | None:
@@ -173,10 +175,10 @@ class TableReader:
                     continue
                 if f.name == image_col and not pa.types.is_string(f.type):
                     continue  # bytes or {bytes, path}: the image itself, not metadata
-                fields.append(pa.field(sidecar_name(f.name), f.type))
+                fields.append(pa.field(passthrough_name(f.name), f.type))
             return fields
         names, _ = self._text_table(shard)
-        return [pa.field(sidecar_name(n), pa.string()) for n in names if n not in consumed]
+        return [pa.field(passthrough_name(n), pa.string()) for n in names if n not in consumed]
 
     # -- reading ---------------------------------------------------------------
     def read(self, shard: ShardSpec) -> Iterator[RawSample]:
@@ -217,7 +219,7 @@ class TableReader:
             yield from enumerate(rows)
             return
         fs, path = get_fs(shard.uri, self.source.storage)
-        with with_retries(lambda: fs.open(path, "rb"), f"open {path}") as f:
+        with RetryingReader(lambda: fs.open(path, "rb"), f"read {path}") as f:
             pf = pq.ParquetFile(f)
             groups, first = self._groups(pf, shard.row_range)
             index = first
@@ -277,7 +279,7 @@ class TableReader:
         key, count = _dedupe(base_key, seen)
         consumed = self._consumed(shard)
         extra = {
-            sidecar_name(k): _passthrough(v, shard)
+            passthrough_name(k): _passthrough(v, shard)
             for k, v in row.items()
             if k not in consumed and not (k == src.image_column and not isinstance(v, str))
         }

@@ -8,7 +8,6 @@ is streamed, so memory does not grow with shard size. A sibling ``NNNNN.parquet`
 
 from __future__ import annotations
 
-import json
 import logging
 import posixpath
 import tarfile
@@ -19,43 +18,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipbatch.config import SourceConfig
-from clipbatch.io.storage import get_fs, to_uri, with_retries
+from clipbatch.io.retry import RetryingReader, with_retries
+from clipbatch.io.storage import get_fs, to_uri
 from clipbatch.records import (
-    CAPTION_DECODE_ERROR,
     DUPLICATE_KEY,
-    MISSING_CAPTION,
     MISSING_IMAGE,
-    OK,
     SHARD_DAMAGED,
     UNSAFE_PATH,
     RawSample,
     ShardSpec,
 )
+from clipbatch.sink.schema import passthrough_name
+from clipbatch.sources.base import check_unique_names
 from clipbatch.sources.detect import TAR_SUFFIXES
 from clipbatch.sources.listing import Listing, filter_suffixes
-from clipbatch.sources.text import decode_caption
+from clipbatch.sources.text import parse_json, set_caption
 
 log = logging.getLogger(__name__)
 
-# Columns of ours that a sidecar could collide with; sidecar columns of the same name
-# are passed through with a "source_" prefix so neither is lost.
-RESERVED_COLUMNS = {
-    "key",
-    "source_uri",
-    "source_member",
-    "source_version",
-    "caption",
-    "image_sha256",
-    "width",
-    "height",
-    "status",
-    "error",
-    "image_embedding",
-    "text_embedding",
-    "similarity",
-    "caption_truncated",
-    "json",
-}
 SIDECAR_SKIP = {"key", "caption"}  # the key joins; the caption comes from the tar member
 _READ_BLOCK = 8 * 1024 * 1024
 
@@ -69,10 +49,6 @@ def stem_and_ext(name: str) -> tuple[str, str]:
 
 def is_unsafe(name: str) -> bool:
     return name.startswith("/") or ".." in name.split("/") or "\\" in name
-
-
-def sidecar_name(field: str) -> str:
-    return f"source_{field}" if field in RESERVED_COLUMNS else field
 
 
 class WebDatasetReader:
@@ -116,7 +92,7 @@ class WebDatasetReader:
                     sidecar_version=sidecar.version if sidecar else None,
                 )
             )
-        _check_unique_names(shards)
+        check_unique_names(shards)
         return shards
 
     # -- schema ----------------------------------------------------------------
@@ -126,7 +102,7 @@ class WebDatasetReader:
             fs, path = get_fs(shard.sidecar_uri, self.source.storage)
             schema = with_retries(lambda: pq.read_schema(path, filesystem=fs), f"read {path}")
             fields += [
-                pa.field(sidecar_name(f.name), f.type)
+                pa.field(passthrough_name(f.name), f.type)
                 for f in schema
                 if f.name not in SIDECAR_SKIP and not f.name.startswith("__")
             ]
@@ -144,7 +120,7 @@ class WebDatasetReader:
         for row in table.to_pylist():
             key = str(row.pop("key"))
             rows[key] = {
-                sidecar_name(k): v
+                passthrough_name(k): v
                 for k, v in row.items()
                 if k not in SIDECAR_SKIP and not k.startswith("__")
             }
@@ -164,7 +140,10 @@ class WebDatasetReader:
                 return
             yield from self._make_rows(group_key, group, group_unsafe, seen, sidecar)
 
-        with with_retries(lambda: fs.open(path, "rb", block_size=_READ_BLOCK), f"open {path}") as f:
+        # Reads resume where they were after a transient error (a reset mid-tar).
+        with RetryingReader(
+            lambda: fs.open(path, "rb", block_size=_READ_BLOCK), f"read {path}"
+        ) as f:
             mode = "r|gz" if path.lower().endswith((".gz", ".tgz")) else "r|"
             try:
                 tar = tarfile.open(fileobj=f, mode=mode)  # noqa: SIM115 - a stream, closed with f
@@ -236,19 +215,22 @@ class WebDatasetReader:
             has_caption_field=self.has_captions,
             has_image_field=bool(self.image_exts),
         )
-        json_bytes = group.get("json")
-        meta: dict[str, Any] | None = None
-        if json_bytes is not None:
-            try:
-                meta = json.loads(json_bytes)
-                extra["json"] = json.dumps(meta, sort_keys=True, ensure_ascii=False)
-            except (ValueError, UnicodeDecodeError):
-                extra["json"] = json_bytes.decode("utf-8", "replace")
+        meta = None
+        if "json" in group:
+            meta, extra["json"] = parse_json(group["json"])
         for ext in self.image_exts:
             if ext in group:
                 sample.image_bytes = group[ext]
                 break
-        self._set_caption(sample, group, meta)
+        set_caption(
+            sample,
+            self.source.caption_json_field,
+            meta,
+            self.caption_ext,
+            group.get(self.caption_ext) if self.caption_ext else None,
+            f"no .{self.caption_ext} member",
+            f"{sample.source_member}.json",
+        )
         if sample.image_bytes is None and self.image_exts:
             sample.status, sample.error = (
                 MISSING_IMAGE,
@@ -265,29 +247,6 @@ class WebDatasetReader:
                 f"key {key!r} appears {count + 1} times in the shard",
             )
         yield sample
-
-    def _set_caption(
-        self, sample: RawSample, group: dict[str, bytes], meta: dict[str, Any] | None
-    ) -> None:
-        field = self.source.caption_json_field
-        if field:
-            value = meta.get(field) if isinstance(meta, dict) else None
-            if value is None:
-                sample.status, sample.error = (
-                    MISSING_CAPTION,
-                    f"no {field!r} field in {sample.source_member}.json",
-                )
-                return
-            sample.caption, problem = decode_caption(str(value).encode("utf-8"))
-        elif self.caption_ext is None:
-            return  # image-only dataset: no caption expected
-        elif self.caption_ext in group:
-            sample.caption, problem = decode_caption(group[self.caption_ext])
-        else:
-            sample.status, sample.error = MISSING_CAPTION, f"no .{self.caption_ext} member"
-            return
-        if problem:
-            sample.status, sample.error = problem
 
 
 def _check_end_of_archive(tar: tarfile.TarFile) -> None:
@@ -316,19 +275,3 @@ def _check_end_of_archive(tar: tarfile.TarFile) -> None:
 def _missing_image_reason(group: dict[str, bytes], exts: tuple[str, ...]) -> str:
     present = sorted(group)
     return f"no image member ({'/'.join(exts)}); members present: {', '.join(present) or 'none'}"
-
-
-def _check_unique_names(shards: list[ShardSpec]) -> None:
-    from clipbatch.errors import ConfigError
-
-    names: dict[str, str] = {}
-    for s in shards:
-        if s.name in names:
-            raise ConfigError(
-                f"two shards map to the same output name {s.name!r}: {names[s.name]} and {s.uri}; "
-                "point the source at one folder of shards"
-            )
-        names[s.name] = s.uri
-
-
-__all__ = ["WebDatasetReader", "CAPTION_DECODE_ERROR", "OK"]

@@ -64,7 +64,8 @@ DEMO_QUERIES = ("a red circle", "a large blue square", "a yellow star on the lef
 
 def show_queries(dest: str, device: str) -> None:
     """Answer a few text queries from the output table alone, so a person can judge it."""
-    from clipbatch.query.table import open_table, search
+    from clipbatch.query.search import search
+    from clipbatch.query.table import open_table
 
     device = "cpu" if device == "auto" else device
     print("\nsearch:     text -> image, from the Parquet table alone (top 3, cosine)")

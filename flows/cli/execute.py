@@ -12,8 +12,8 @@ def execute(config: EmbedConfig, progress: bool = False) -> tuple[dict[str, Any]
     from flows.warmup import WarmStart
 
     warm = WarmStart(config)  # Prefect's temporary server boots while we import and load
+    from clipbatch.pipeline.process import process_context
     from clipbatch.pipeline.summary import RunFailedError
-    from clipbatch.pipeline.worker import set_progress_listener
     from flows.embed import embed_dataset
 
     bar = None
@@ -21,12 +21,12 @@ def execute(config: EmbedConfig, progress: bool = False) -> tuple[dict[str, Any]
         from tqdm import tqdm
 
         bar = tqdm(unit="img", desc="embedding", dynamic_ncols=True)
-        set_progress_listener(bar.update)
+        process_context().progress = bar.update
     try:
         with warm.session():
             state = embed_dataset(config, return_state=True)
     finally:
-        set_progress_listener(None)
+        process_context().progress = None
         if bar is not None:
             bar.close()
     result = state.result(raise_on_failure=False)

@@ -9,6 +9,7 @@ from typing import Any
 
 from clipbatch.config import EmbedConfig, build_config, load_config
 from clipbatch.errors import ConfigError
+from flows.params import CONFIG_PATHS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -73,26 +74,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> EmbedConfig:
-    overrides: dict[str, Any] = {
-        "source.url": args.source,
-        "source.kind": args.source_kind,
-        "sink.url": args.dest,
-        "model.name": args.model,
-        "model.checkpoint_sha256": args.checkpoint_sha256,
-        "runtime.device": args.device,
-        "runtime.precision": args.precision,
-        "runtime.batch_size": None if args.batch_size == "auto" else args.batch_size,
-        "runtime.auto_batch_size": True if args.batch_size == "auto" else None,
-        "runtime.devices": args.devices.split(",") if args.devices else None,
-        "runtime.shard_concurrency": args.shard_concurrency,
-        "runtime.decode_workers": args.decode_workers,
-        "runtime.task_runner": args.task_runner,
-        "runtime.gpus_per_shard": args.gpus_per_shard,
-        "runtime.preprocess": args.preprocess,
-        "runtime.max_error_ratio": args.max_error_ratio,
-        "sink.dtype": args.dtype,
-        "sink.overwrite": args.overwrite,
-    }
+    overrides: dict[str, Any] = {path: getattr(args, name) for name, path in CONFIG_PATHS.items()}
+    overrides.update(
+        {
+            "runtime.batch_size": None if args.batch_size == "auto" else args.batch_size,
+            "runtime.auto_batch_size": True if args.batch_size == "auto" else None,
+            "runtime.devices": args.devices.split(",") if args.devices else None,
+        }
+    )
     if args.endpoint_url:
         for part in ("source", "sink", "model"):
             overrides[f"{part}.storage.endpoint_url"] = args.endpoint_url

@@ -1,0 +1,218 @@
+"""Text -> image search over a table, with the model that wrote it.
+
+The model is the one named in the files' ``clipbatch`` metadata, loaded by name and
+checked against the recorded checkpoint sha256, so a query is always encoded by the
+model that wrote the vectors.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from clipbatch.config import ModelConfig, StorageOptions
+from clipbatch.errors import ConfigError
+from clipbatch.query.table import (
+    OutputTable,
+    TableError,
+    embedding_matrix,
+    normalize_rows,
+    open_tables,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Hit:
+    query: str
+    rank: int
+    key: str
+    caption: str | None
+    score: float  # cosine similarity
+    table: str = ""  # the partition table under the searched root ("" for the root itself)
+
+    @property
+    def where(self) -> str:
+        return f"{self.table}/{self.key}" if self.table else self.key
+
+
+def model_config_for(
+    table: OutputTable | dict[str, Any], storage: StorageOptions | None = None
+) -> ModelConfig:
+    """The model that wrote ``table``, pinned to its recorded checkpoint sha256.
+
+    A transformers hub model named without a revision is pinned to the revision that wrote
+    the table, so a newer upload on the hub cannot answer the query. The caption limit is
+    the one the table was written with.
+    """
+    from clipbatch.models.names import HUB, parse_model_name
+
+    model = table.model_metadata() if isinstance(table, OutputTable) else table
+    name = model["name"]
+    parsed = parse_model_name(name)
+    hub_unpinned = parsed.family == "hf" and parsed.form == HUB and not parsed.revision
+    if hub_unpinned and model.get("revision"):
+        name = f"{name}@{model['revision']}"
+    limit = model.get("context_length")
+    return ModelConfig(
+        name=name,
+        checkpoint_sha256=model["checkpoint_sha256"],
+        max_caption_tokens=int(limit) if limit else None,
+        storage=storage or StorageOptions(),
+    )
+
+
+class TextQueryEncoder:
+    """Encodes queries with the table's own model, through the pipeline's text path.
+
+    ``table`` is the table, or the model metadata its files (or a kNN index) recorded.
+    """
+
+    def __init__(
+        self,
+        table: OutputTable | dict[str, Any],
+        device: str = "cpu",
+        storage: StorageOptions | None = None,
+    ) -> None:
+        from clipbatch.encode.encoder import ClipEncoder
+        from clipbatch.models.loading import load_model
+
+        meta = table.model_metadata() if isinstance(table, OutputTable) else table
+        config = model_config_for(meta, storage)
+        self.loaded = load_model(config, device)
+        if self.loaded.embed_dim != meta["embed_dim"]:
+            raise ConfigError(
+                f"model {meta['name']!r} has embedding dim {self.loaded.embed_dim}, "
+                f"the table {meta['embed_dim']}"
+            )
+        recorded = meta.get("config_sha256")
+        if recorded and recorded != self.loaded.checkpoint.config_sha256:
+            raise ConfigError(
+                f"model {meta['name']!r}: its config files (tokenizer, preprocessing) have "
+                f"sha256 {self.loaded.checkpoint.config_sha256}, the table was written with "
+                f"{recorded}"
+            )
+        self.encoder = ClipEncoder(
+            self.loaded, batch_size=64, context_tokens=config.max_caption_tokens
+        )
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        emb, _ = self.encoder.encode_texts(list(texts))
+        return normalize_rows(emb)
+
+
+@dataclass(frozen=True)
+class SearchMethod:
+    """How a search was answered, for the user to see."""
+
+    kind: str  # "knn" | "brute force"
+    detail: str
+    stale: bool = False
+
+
+def search(
+    table: OutputTable | list[OutputTable],
+    queries: Sequence[str],
+    k: int = 5,
+    device: str = "cpu",
+    storage: StorageOptions | None = None,
+    names: list[str] | None = None,
+) -> list[list[Hit]]:
+    """Top-``k`` images for each text query, by cosine: brute force, one file at a time.
+
+    ``names`` labels each table's hits (the partition tables of a root)."""
+    if k < 1:
+        raise ConfigError(f"k must be at least 1, got {k}")
+    tables = table if isinstance(table, list) else [table]
+    names = names or [""] * len(tables)
+    q = TextQueryEncoder(_one_model(tables), device, storage)(queries)
+    heaps: list[list[tuple[float, int, str, str | None, str]]] = [[] for _ in queries]
+    seq = 0
+    parts = (
+        (name, part)
+        for t, name in zip(tables, names, strict=True)
+        for part in t.iter_tables(["key", "caption", "image_embedding"])
+    )
+    for name, part in parts:
+        emb, valid = embedding_matrix(part.column("image_embedding"))
+        if not valid.any():
+            seq += part.num_rows
+            continue
+        idx = np.flatnonzero(valid)
+        scores = q @ normalize_rows(emb[idx]).T  # [queries, rows]
+        keys = part.column("key").to_pylist()
+        captions = part.column("caption").to_pylist()
+        for qi in range(len(queries)):
+            top = np.argsort(-scores[qi])[:k]
+            for j in top:
+                row = int(idx[j])
+                # seq breaks ties in table order, so results are deterministic.
+                item = (float(scores[qi, j]), -seq - row, keys[row], captions[row], name)
+                if len(heaps[qi]) < k:
+                    heapq.heappush(heaps[qi], item)
+                else:
+                    heapq.heappushpop(heaps[qi], item)
+        seq += part.num_rows
+    return [
+        [
+            Hit(queries[qi], r + 1, key, cap, score, name)
+            for r, (score, _, key, cap, name) in enumerate(sorted(heaps[qi], reverse=True))
+        ]
+        for qi in range(len(queries))
+    ]
+
+
+def search_root(
+    root: str,
+    queries: Sequence[str],
+    k: int = 5,
+    device: str = "cpu",
+    storage: StorageOptions | None = None,
+    use_index: bool = True,
+    nprobe: int | None = None,
+) -> tuple[list[list[Hit]], SearchMethod]:
+    """Search the table(s) under ``root``: with its kNN index when it has one (and say so,
+    stale or not), else brute force over every table."""
+    if k < 1:
+        raise ConfigError(f"k must be at least 1, got {k}")
+    index = None
+    if use_index:
+        from clipbatch.knn.search import open_index
+
+        index = open_index(root, "image", storage, nprobe)
+    if index is None:
+        tables = open_tables(root, storage)
+        rows = sum(t.rows for t in tables)
+        base = root.rstrip("/")
+        names = [t.dest.rstrip("/")[len(base) :].lstrip("/") for t in tables]
+        hits = search(tables, queries, k, device, storage, names)
+        why = "asked to" if not use_index else "no kNN index; `clipbatch index` builds one"
+        return hits, SearchMethod("brute force", f"brute force over {rows:,} rows ({why})")
+    from clipbatch.knn.search import captions_of, index_staleness
+
+    stale = index_staleness(root, "image", storage)
+    q = TextQueryEncoder(index.build.info["model"], device, storage)(queries)
+    found = index.search(q, k)
+    captions = captions_of(root, [row for hits in found for _, row in hits], storage)
+    hits = [
+        [
+            Hit(query, r + 1, row["key"], captions.get(row["id"]), s, row["table"])
+            for r, (s, row) in enumerate(per_query)
+        ]
+        for query, per_query in zip(queries, found, strict=True)
+    ]
+    state = stale.describe() if stale is not None else "current"
+    return hits, SearchMethod("knn", f"{index.describe}; {state}", bool(stale and stale.stale))
+
+
+def _one_model(tables: list[OutputTable]) -> dict[str, Any]:
+    models = {(m["name"], m["checkpoint_sha256"]) for m in (t.model_metadata() for t in tables)}
+    if len(models) > 1:
+        raise TableError(f"the tables were written by different models {sorted(models)}")
+    return tables[0].model_metadata()

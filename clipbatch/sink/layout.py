@@ -1,0 +1,37 @@
+"""Where a table's files go (design.md §2): shard files, and per-process staging folders.
+
+``{dest}/{shard}.parquet`` is a committed shard; ``{dest}/_tmp/{run}__{host}__{pid}__{token}/``
+is one writing process's staging folder (who owns it is in its name, so a later run can
+tell a crashed owner's leftovers from a live run's); local shard files are written as
+``{tmp}/clipbatch-shard-{pid}-...`` first.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+from clipbatch.io.storage import join
+
+TMP_DIR = "_tmp"
+SEP = "__"
+PROCESS_TOKEN = uuid.uuid4().hex[:8]
+LOCAL_PREFIX = "clipbatch-shard-"
+
+
+def output_uri(dest: str, name: str) -> str:
+    return join(dest, f"{name}.parquet")
+
+
+def host_name() -> str:
+    return socket.gethostname().replace(SEP, "_").replace("/", "_") or "host"
+
+
+def staging_id(run_id: str) -> str:
+    """This process's staging folder name for ``run_id``: who owns it is in the name."""
+    return SEP.join((run_id.replace(SEP, "_"), host_name(), str(os.getpid()), PROCESS_TOKEN))
+
+
+def staging_uri(dest: str, run_id: str, name: str) -> str:
+    return join(dest, TMP_DIR, staging_id(run_id), f"{name}.parquet")

@@ -1,0 +1,92 @@
+"""Rows to Arrow: the table's columns for one block of encoded rows (design.md §3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from clipbatch.records import PreparedSample
+
+
+@dataclass
+class RowBlock:
+    """Rows ready to write, with embeddings already normalised and cast."""
+
+    rows: list[PreparedSample]
+    image_embeddings: np.ndarray | None  # (n, D) with NaN rows where absent, or None
+    text_embeddings: np.ndarray | None
+    has_image: np.ndarray  # bool mask
+    has_text: np.ndarray
+    truncated: list[bool]
+
+
+def block_table(
+    block: RowBlock,
+    schema: pa.Schema,
+    passthrough: list[pa.Field],
+    source_uri: str,
+    source_version: str,
+) -> pa.Table:
+    """The Arrow table of ``block``'s rows, in ``schema`` (one input row, one output row)."""
+    rows = block.rows
+    n = len(rows)
+    dim = schema.field("image_embedding").type.list_size
+    value_dtype = (
+        np.float16
+        if schema.field("image_embedding").type.value_type == pa.float16()
+        else np.float32
+    )
+    cols: dict[str, Any] = {
+        "key": [r.raw.key for r in rows],
+        "source_uri": [source_uri] * n,
+        "source_member": [r.raw.source_member for r in rows],
+        "source_version": [source_version] * n,
+        "caption": [r.raw.caption for r in rows],
+        "caption_truncated": [
+            (t if r.raw.caption is not None else None)
+            for r, t in zip(rows, block.truncated, strict=True)
+        ],
+        "image_sha256": [r.image_sha256 for r in rows],
+        "width": [r.width for r in rows],
+        "height": [r.height for r in rows],
+        "status": [r.raw.status for r in rows],
+        "error": [r.raw.error for r in rows],
+        "image_embedding": embedding_array(
+            block.image_embeddings, block.has_image, dim, value_dtype
+        ),
+        "text_embedding": embedding_array(block.text_embeddings, block.has_text, dim, value_dtype),
+        "similarity": similarity(block),
+    }
+    for field in passthrough:
+        cols[field.name] = [r.raw.extra.get(field.name) for r in rows]
+    arrays = [
+        value if isinstance(value, pa.Array) else pa.array(value, type=field.type)
+        for field, value in ((f, cols[f.name]) for f in schema)
+    ]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def embedding_array(emb: np.ndarray | None, mask: np.ndarray, dim: int, dtype: type) -> pa.Array:
+    """A fixed_size_list column, null where ``mask`` is false."""
+    typ = pa.list_(pa.from_numpy_dtype(dtype), dim)
+    if emb is None or not mask.any():
+        return pa.nulls(len(mask), type=typ)
+    values = pa.array(np.ascontiguousarray(emb, dtype=dtype).reshape(-1))
+    if mask.all():
+        return pa.FixedSizeListArray.from_arrays(values, dim)
+    return pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(~mask))
+
+
+def similarity(block: RowBlock) -> pa.Array:
+    """Cosine of image and text, as LAION and DataComp filter by; null unless both exist."""
+    n = len(block.rows)
+    both = block.has_image & block.has_text
+    if block.image_embeddings is None or block.text_embeddings is None or not both.any():
+        return pa.nulls(n, type=pa.float32())
+    a = block.image_embeddings.astype(np.float32)
+    b = block.text_embeddings.astype(np.float32)
+    sim = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    return pa.array(sim.astype(np.float32), mask=~both)
