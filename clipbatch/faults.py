@@ -4,7 +4,7 @@ Production code calls these hooks at the instants that matter for exactly-once
 output; with the variables unset each hook is one dict lookup and does nothing.
 
 - ``CLIPBATCH_CRASH_AT=point[:shard]`` SIGKILLs this process at ``point`` (one of
-  :data:`CRASH_POINTS`), optionally only for shard ``shard``. SIGKILL, not an
+  :data:`CRASH_POINTS`), optionally only for shard ``shard`` (for the ``knn_`` points: the index name). SIGKILL, not an
   exception, so no ``finally`` or ``atexit`` runs: the same as a lost machine.
 - ``CLIPBATCH_FAULT_OOM_ABOVE=N`` makes every model forward pass over more than N
   rows raise :class:`torch.OutOfMemoryError`, as a GPU would, so the OOM back-off can
@@ -27,6 +27,8 @@ CRASH_POINTS = (
     "after_staging",  # staged file uploaded and verified, not moved
     "mid_move",  # final key written, staged copy not yet deleted (object stores)
     "before_index",  # shard committed, its commit record not written yet
+    "knn_mid_stage",  # a kNN build's index file staged, its id map and lineage not yet
+    "knn_before_pointer",  # a kNN build staged and verified, CURRENT.json not yet switched
 )
 # Names from before the commit index, still accepted by drills and scripts.
 CRASH_ALIASES = {"before_manifest": "before_index"}

@@ -21,8 +21,8 @@ done
 curl -fsS "${PREFECT_API_URL%/}/health" >/dev/null || { echo "Prefect API not reachable at $PREFECT_API_URL" >&2; exit 1; }
 
 prefect work-pool inspect "$pool" >/dev/null 2>&1 || prefect work-pool create "$pool" --type process
-# Embedding runs come from the `default` queue: one per GPU. The backfill's `control`
-# queue is unbounded there; the worker's --limit bounds processes overall.
+# Embedding runs come from the `default` queue: one per GPU. The `control` queue (backfills,
+# index builds) is unbounded there; the worker's --limit bounds processes overall.
 prefect work-queue set-concurrency-limit default "${CLIPBATCH_GPU_SLOTS:-1}" --pool "$pool"
 if [[ "${CLIPBATCH_DEPLOY_ON_START:-0}" == "1" ]]; then
     (cd "${CLIPBATCH_HOME:-/opt/clipbatch}" && prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml)

@@ -24,7 +24,7 @@ from prefect.assets import Asset, AssetProperties, add_asset_metadata, materiali
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectAlreadyExists
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.logging import get_run_logger
 from pydantic import Field
 
@@ -46,9 +46,18 @@ def root_limit_name(root: str) -> str:
 
 
 def ensure_root_limit(name: str) -> None:
-    """Create the root's limit (1 slot) unless it exists; a concurrent creator wins."""
-    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
-        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    """Create the root's limit (1 slot) unless it exists; a concurrent creator wins.
+
+    Read first: a create that loses the race is answered 409, but the server logs the
+    conflict as an error, and every build after the first would add one to its log.
+    """
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):
+                limit = GlobalConcurrencyLimitCreate(name=name, limit=1)
+                client.create_global_concurrency_limit(limit)
 
 
 @flow(name="build-index", validate_parameters=True, log_prints=False)

@@ -157,7 +157,7 @@ def test_worker_gpu_reservation_and_volumes(compose: dict[str, Any], dockerfile)
     (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
     # One embedding run per reserved GPU, and worker slots to spare for backfill runs,
-    # which wait on their children from another queue.
+    # which wait on their children from another queue, and for index builds.
     env = _env(worker)
     assert int(env["CLIPBATCH_GPU_SLOTS"]) == int(device["count"])
     assert int(env["CLIPBATCH_WORKER_LIMIT"]) > int(env["CLIPBATCH_GPU_SLOTS"])
@@ -166,7 +166,11 @@ def test_worker_gpu_reservation_and_volumes(compose: dict[str, Any], dockerfile)
         "embed-nightly": "default",
         "embed-adhoc": "default",
         "embed-backfill": "control",
+        "build-index": "control",
     }
+    # A backfill and the index builds (at most two) never starve the GPU slots.
+    index_limit = _deployment("build-index")["concurrency_limit"]["limit"]
+    assert int(env["CLIPBATCH_WORKER_LIMIT"]) >= int(env["CLIPBATCH_GPU_SLOTS"]) + 1 + index_limit
     entry = (DOCKER / "entrypoint.sh").read_text()
     assert 'set-concurrency-limit default "${CLIPBATCH_GPU_SLOTS' in entry
 

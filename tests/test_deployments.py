@@ -44,6 +44,22 @@ FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 TINY = {"model": "tiny", "device": "cpu"}
 
 
+class RetryBusy(httpx.HTTPTransport):
+    """Retry what the server answers 503 (a busy SQLite database, under a worker, the
+    trigger's index builds and the test at once), as Prefect's own client does; the
+    UI's requests, made here by hand, would otherwise fail the test by chance."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for attempt in range(8):
+            response = super().handle_request(request)
+            if response.status_code != 503 or attempt == 7:
+                return response
+            response.read()
+            response.close()
+            time.sleep(min(0.25 * 2**attempt, 4))
+        raise AssertionError("unreachable")
+
+
 class Stack:
     """A running server + worker, and a REST client for it."""
 
@@ -52,7 +68,7 @@ class Stack:
         self.env = env
         self.logs = logs
         self.s3 = s3
-        self.http = httpx.Client(base_url=api, timeout=30)
+        self.http = httpx.Client(base_url=api, timeout=30, transport=RetryBusy())
 
     def cli(self, *args: str, timeout: float = 120) -> str:
         proc = subprocess.run(
@@ -298,6 +314,57 @@ def test_nightly_schedule(stack: Stack, tmp_path: Path, nightly_bucket: str) -> 
     assert {k: second[k] for k in first} == first  # untouched: skipped by fingerprint
     table, _ = read_table(f"s3://{nightly_bucket}/{dest}", ep)
     assert table.num_rows == 12
+
+
+def _index_runs(stack: Stack, root: str, count: int, timeout: float = 180) -> list[dict]:
+    """The build-index runs the trigger started for ``root``, once ``count`` are final."""
+    dep = stack.deployment("build-index/build-index")["id"]
+    deadline = time.monotonic() + timeout
+    runs: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        every = stack.flow_runs(deployments={"id": {"any_": [dep]}})
+        runs = [r for r in every if r["parameters"].get("root") == root]
+        if len(runs) >= count and all(r["state_type"] in FINAL for r in runs):
+            return sorted(runs, key=lambda r: r["start_time"])
+        time.sleep(1)
+    raise AssertionError(f"{len(runs)} index run(s) for {root}: {runs}\n{stack.worker_log()}")
+
+
+def _knn_build(endpoint: str, bucket: str, root_key: str) -> dict[str, Any]:
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    pointer = client.get_object(Bucket=bucket, Key=f"{root_key}/_knn/image/CURRENT.json")
+    version = json.loads(pointer["Body"].read())["version"]
+    body = client.get_object(Bucket=bucket, Key=f"{root_key}/_knn/image/{version}/build.json")
+    return json.loads(body["Body"].read())
+
+
+def test_embed_runs_trigger_the_index_build(stack: Stack, tmp_path: Path, s3_bucket: str) -> None:
+    """The deployment's trigger on our completion event, on a real server: each nightly
+    partition's run starts a build-index run for the partition root, which adds it."""
+    root = f"s3://{s3_bucket}/knn/emb"
+    days = ["2026-11-01", "2026-11-02"]
+    for i, day in enumerate(days):
+        source = _dataset(tmp_path / day, s3_bucket, f"knn/raw/{day}", stack.s3, 1, 30 + i)
+        args = ["--param", f"source={source}", "--param", f"dest={root}/date={day}/"]
+        out = stack.cli("deployment", "run", "embed-dataset/embed-adhoc", *args,
+                        "--params", json.dumps(TINY))  # fmt: skip
+        stack.wait(_run_id(out))
+        runs = _index_runs(stack, root, count=i + 1)
+        assert {r["state_type"] for r in runs} == {"COMPLETED"}, runs
+        latest = runs[-1]
+        assert latest["work_queue_name"] == "control"
+        build = _knn_build(stack.s3, s3_bucket, "knn/emb")
+        assert build["vectors"] == 4 * (i + 1)
+        assert sorted(f["key"] for f in build["files"]) == [
+            f"date={d}/00000.parquet" for d in days[: i + 1]
+        ]
+        assert build["run"]["flow_run_id"] == latest["id"]  # lineage: the run that built it
+    # The second night was added to the first night's index, not rebuilt.
+    assert build["parent"] is not None
+    # One build per root at a time: the root's limit, made by the first run.
+    limits = stack.http.post("/v2/concurrency_limits/filter", json={}).json()
+    mine = [c for c in limits if c["name"].startswith("clipbatch-index-emb-")]
+    assert mine and {c["limit"] for c in mine} == {1}
 
 
 def test_backfill_three_partitions_twice(stack: Stack, tmp_path: Path, s3_bucket: str) -> None:

@@ -43,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
         use_index=not args.brute_force,
         nprobe=args.nprobe,
     )
-    print(f"table:  {args.table}")
+    model = method.model or {}
+    sha = str(model.get("checkpoint_sha256"))[:12]
+    print(f"table:  {args.table}; model {model.get('name')} (sha256 {sha}…)")
     print(f"search: {method.detail}")
     if method.stale:
         print(

@@ -129,6 +129,44 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
     return with_retries(lambda: fs.cat_file(path), f"read {path}")
 
 
+def read_parquet_metadata(fs: fsspec.AbstractFileSystem | None, path: str) -> Any:
+    """A Parquet file's footer (``pyarrow.parquet.FileMetaData``), fetched alone.
+
+    pyarrow reads the file's last 64 KiB (and more only for a larger footer). Through
+    fsspec's default read-ahead cache the same call fetches the whole file, up to the
+    cache's block size (50 MB on S3): a staged shard verified by its footer would be
+    downloaded again whole. No retries here; callers wrap it in theirs.
+    """
+    import pyarrow.parquet as pq
+
+    if fs is None:  # a local path
+        return pq.read_metadata(path)
+    with fs.open(path, "rb", cache_type="none") as f:
+        return pq.read_metadata(f)
+
+
+def read_parquet_columns(
+    fs: fsspec.AbstractFileSystem, path: str, columns: list[str]
+) -> Any | None:
+    """Only ``columns`` of a Parquet file (a pyarrow Table), or None if one is missing.
+
+    Opened without fsspec's read-ahead cache, so each of pyarrow's reads is one ranged
+    GET of exactly its bytes: the footer, then the chosen column chunks. The default
+    cache rounds reads up to its block size (50 MB for S3), so it fetches whole shard
+    files, every column included: twice the bytes for the vectors of a CLIP table.
+    """
+    import pyarrow.parquet as pq
+
+    def read() -> Any | None:
+        with fs.open(path, "rb", cache_type="none") as f:
+            parquet = pq.ParquetFile(f, pre_buffer=True)  # coalesces adjacent ranges
+            if not set(columns) <= set(parquet.schema_arrow.names):
+                return None
+            return parquet.read(columns=columns)
+
+    return with_retries(read, f"read {path}")
+
+
 def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write so that readers see the old content or the new one, never a partial file.
 

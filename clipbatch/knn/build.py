@@ -35,12 +35,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from clipbatch import __version__
 from clipbatch.config import StorageOptions
 from clipbatch.errors import ConfigError
-from clipbatch.io.retry import with_retries
+from clipbatch.io.storage import read_parquet_columns
 from clipbatch.knn.store import IDS_SCHEMA, StoredBuild, commit_build, ids_bytes, read_current
 from clipbatch.knn.tables import Snapshot, TableFile, snapshot
 from clipbatch.query.table import embedding_matrix, normalize_rows
@@ -54,6 +53,9 @@ SQ8_ABOVE = 5_000_000
 REBUILD_GROWTH = 2.0
 TRAIN_PER_LIST = 40  # FAISS wants about 39 training points per IVF list, at least
 MAX_TRAIN = 200_000
+# A build from scratch holds the vectors it reads, up to this, to add them without
+# reading the files again; past it, it drops them and reads the files a second time.
+HOLD_BYTES = 1 << 30
 
 
 class NoVectorsError(ConfigError):
@@ -119,31 +121,46 @@ class FileVectors:
     rows: np.ndarray  # row numbers in the file of the rows that have a vector
     keys: list[str]
     vectors: np.ndarray  # float32 [n, d], L2-normalised
+    model: dict[str, Any] = field(default_factory=dict)  # what the file's footer records
 
 
 def read_vectors(snap: Snapshot, file: TableFile, column: str) -> FileVectors:
-    """The vectors of one file (the key and vector columns only), rows without one skipped."""
-
-    def read() -> pa.Table | None:
-        with snap.fs.open(file.path, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            if column not in parquet.schema_arrow.names:
-                return None  # e.g. a table written without captions has no text vectors
-            return parquet.read(columns=["key", column])
-
-    table = with_retries(read, f"read {file.key}")
+    """The vectors of one file (the key and vector columns only), rows without one
+    skipped, and the model its footer records (the same read)."""
+    table = read_parquet_columns(snap.fs, file.path, ["key", column])
     if table is None:
         return FileVectors(file, np.zeros(0, np.int64), [], np.zeros((0, 1), np.float32))
+    model = dict((decode_metadata(table.schema.metadata) or {}).get("model") or {})
     mat, valid = embedding_matrix(table.column(column))
     rows = np.flatnonzero(valid)
     keys = pc.take(table.column("key"), pa.array(rows, type=pa.int64())).to_pylist()
-    return FileVectors(file, rows, keys, normalize_rows(mat[rows]).astype(np.float32))
+    return FileVectors(file, rows, keys, normalize_rows(mat[rows]).astype(np.float32), model)
 
 
-def file_model(snap: Snapshot, file: TableFile) -> dict[str, Any]:
-    """The model metadata a file recorded (search loads the same model from it)."""
-    meta = decode_metadata(pq.read_metadata(file.path, filesystem=snap.fs).metadata) or {}
-    return dict(meta.get("model") or {})
+class ModelChangedError(ConfigError):
+    """A file was written by another model than the index (or the other files)."""
+
+
+class _OneModel:
+    """Every file read must record the same checkpoint; the first one sets it."""
+
+    def __init__(self, root: str, expected: dict[str, Any] | None = None) -> None:
+        self.root = root
+        self.model = dict(expected) if expected else None
+
+    def check(self, fv: FileVectors) -> None:
+        if not fv.model:
+            return
+        if self.model is None:
+            self.model = fv.model
+        elif fv.model.get("checkpoint_sha256") != self.model.get("checkpoint_sha256"):
+            raise ModelChangedError(
+                f"{self.root}: {fv.file.key} was written by model {fv.model.get('name')} "
+                f"(sha256 {str(fv.model.get('checkpoint_sha256'))[:12]}…), the others by "
+                f"{self.model.get('name')} (sha256 "
+                f"{str(self.model.get('checkpoint_sha256'))[:12]}…); index each model's "
+                "tables under a root of their own"
+            )
 
 
 # -- building -------------------------------------------------------------------------
@@ -164,9 +181,9 @@ def build_index(
     column = COLUMNS[name]
     start = time.perf_counter()
     snap = snapshot(root, storage)
-    model = _one_model(snap)
     current = read_current(root, name, storage)
-    reasons = [] if current is None else _rebuild_reasons(current, snap, model, settings)
+    reasons = [] if current is None else _rebuild_reasons(current, snap, settings)
+    report = None
     if current is not None and not reasons:
         old = {f["key"]: f for f in current.info["files"]}
         now = snap.by_key()
@@ -174,11 +191,12 @@ def build_index(
         new = [f for k, f in now.items() if k not in old or old[k]["version"] != f.version]
         if not gone and not new:
             return BuildReport(name, root, "current", current.info["vectors"], files=len(now))
-        report = _update(
-            faiss, current, snap, column, gone, new, model, settings, storage, run_meta
-        )
-    else:
-        report = _build(faiss, snap, name, column, model, settings, storage, run_meta, current)
+        try:
+            report = _update(faiss, current, snap, column, gone, new, settings, storage, run_meta)
+        except ModelChangedError:
+            reasons = ["the table's model changed"]
+    if report is None:
+        report = _build(faiss, snap, name, column, settings, storage, run_meta, current)
         report.reasons = reasons or ["no index yet"]
     report.seconds = round(time.perf_counter() - start, 3)
     return report
@@ -218,32 +236,18 @@ def build_or_skip(
         return BuildReport(name, root, "skipped", 0, reasons=[str(e)])
 
 
-def _one_model(snap: Snapshot) -> dict[str, Any]:
-    first = file_model(snap, snap.files[0])
-    last = file_model(snap, snap.files[-1])
-    if first.get("checkpoint_sha256") != last.get("checkpoint_sha256"):
-        raise ConfigError(
-            f"{snap.root}: its tables were written by different models "
-            f"({first.get('name')}, {last.get('name')}); index each model's tables apart"
-        )
-    return first
-
-
-def _rebuild_reasons(
-    current: StoredBuild, snap: Snapshot, model: dict[str, Any], settings: IndexSettings
-) -> list[str]:
+def _rebuild_reasons(current: StoredBuild, snap: Snapshot, settings: IndexSettings) -> list[str]:
     info = current.info
     reasons = []
     if settings.rebuild:
         reasons.append("asked to")
-    if info.get("model", {}).get("checkpoint_sha256") != model.get("checkpoint_sha256"):
-        reasons.append("the table's model changed")
     if settings.factory != "auto" and settings.factory != info.get("factory"):
         reasons.append(f"another factory ({settings.factory})")
     total = sum(f.get("vectors", 0) for f in info["files"])  # an estimate before reading
     now = {f.key for f in snap.files}
     growth = len(now - {f["key"] for f in info["files"]}) / max(1, len(info["files"]))
-    if info.get("trained_on") and (1 + growth) * total > REBUILD_GROWTH * info["trained_on"]:
+    trained = info.get("trained_on") if ivf_lists(info.get("factory", "")) else None
+    if trained and (1 + growth) * total > REBUILD_GROWTH * trained:
         reasons.append(f"the table grew more than {REBUILD_GROWTH}x since the index was trained")
     if info.get("factory") == "Flat" and settings.factory == "auto":
         expected = (1 + growth) * total
@@ -257,22 +261,32 @@ def _build(
     snap: Snapshot,
     name: str,
     column: str,
-    model: dict[str, Any],
     settings: IndexSettings,
     storage: StorageOptions | None,
     run_meta: dict[str, Any] | None,
     parent: StoredBuild | None,
 ) -> BuildReport:
-    """From scratch: one pass to count and sample for training, one to add."""
+    """From scratch: one pass to count, and sample for training; a second to add,
+    unless every vector fit in ``HOLD_BYTES`` during the first (then one pass)."""
     counts: dict[str, int] = {}
     sample: list[np.ndarray] = []
+    stride = 1  # every stride-th vector of each file is sampled: uniform over the table
+    held: list[FileVectors] | None = []
+    held_bytes = 0
+    model = _OneModel(snap.root)
     for fv in _iter_vectors(snap, snap.files, column):
+        model.check(fv)
         counts[fv.file.key] = len(fv.rows)
-        if len(fv.rows):
-            sample.append(fv.vectors)
-        # Bounded memory: keep at most MAX_TRAIN, thinned evenly as files arrive.
-        if sum(len(s) for s in sample) > 2 * MAX_TRAIN:
+        if not len(fv.rows):
+            continue
+        sample.append(fv.vectors[::stride])
+        # Bounded memory: at most 2 x MAX_TRAIN sampled, thinned evenly as files arrive.
+        if sum(len(x) for x in sample) > 2 * MAX_TRAIN:
             sample = [np.concatenate(sample)[::2]]
+            stride *= 2
+        if held is not None:
+            held_bytes += fv.vectors.nbytes
+            held = held + [fv] if held_bytes <= HOLD_BYTES else None
     total = sum(counts.values())
     if total == 0:
         raise NoVectorsError(f"{snap.root}: no row has a {column} vector to index")
@@ -289,11 +303,14 @@ def _build(
     trained_on = total
     del train
     ids = _Ids()
-    for fv in _iter_vectors(snap, snap.files, column):
-        index.add_with_ids(fv.vectors, ids.assign(fv))
+    for fv in held if held is not None else _iter_vectors(snap, snap.files, column):
+        if len(fv.rows):
+            index.add_with_ids(fv.vectors, ids.assign(fv))
+    del held
     info = _info(
-        snap, name, column, model, factory, settings, index, counts, trained_on, run_meta, ids.next
-    )
+        snap, name, column, model.model or {}, factory, settings, index, counts, trained_on,
+        run_meta, ids.next,
+    )  # fmt: skip
     info["parent"] = parent.version if parent else None
     build = commit_build(
         snap.root, name, faiss.serialize_index(index).tobytes(), ids.to_bytes(), info, storage
@@ -311,7 +328,6 @@ def _update(
     column: str,
     gone: list[str],
     new: list[TableFile],
-    model: dict[str, Any],
     settings: IndexSettings,
     storage: StorageOptions | None,
     run_meta: dict[str, Any] | None,
@@ -330,13 +346,16 @@ def _update(
     kept = old_ids.filter(pc.invert(drop))
     ids = _Ids(start=int(info.get("next_id", 0)), kept=kept)
     counts = {f["key"]: f.get("vectors", 0) for f in info["files"] if f["key"] not in set(gone)}
+    model = _OneModel(snap.root, info.get("model"))
     for fv in _iter_vectors(snap, new, column):
+        model.check(fv)  # another model: ModelChangedError, and build_index rebuilds
         counts[fv.file.key] = len(fv.rows)
-        index.add_with_ids(fv.vectors, ids.assign(fv))
+        if len(fv.rows):
+            index.add_with_ids(fv.vectors, ids.assign(fv))
     factory = info["factory"]
     trained = info.get("trained_on", 0)
     out = _info(
-        snap, current.name, column, model, factory, settings, index, counts, trained, run_meta,
+        snap, current.name, column, model.model or {}, factory, settings, index, counts, trained, run_meta,
         ids.next,
     )  # fmt: skip
     out["parent"] = current.version
@@ -360,12 +379,7 @@ def _with_ids(factory: str) -> str:
 
 
 def _iter_vectors(snap: Snapshot, files: list[TableFile], column: str) -> Iterator[FileVectors]:
-    for file in files:
-        fv = read_vectors(snap, file, column)
-        if len(fv.rows):
-            yield fv
-        else:
-            yield FileVectors(file, fv.rows, [], np.zeros((0, 1), np.float32))
+    return (read_vectors(snap, file, column) for file in files)
 
 
 class _Ids:

@@ -7,11 +7,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from clipbatch.config import StorageOptions
-from clipbatch.io.retry import with_retries
-from clipbatch.io.storage import get_fs, join
+from clipbatch.io.storage import get_fs, join, read_parquet_columns
 from clipbatch.knn.build import faiss_module, ivf_lists
 from clipbatch.knn.store import INDEX_FILE, StoredBuild, read_current
 from clipbatch.knn.tables import Snapshot, snapshot
@@ -114,10 +112,12 @@ def captions_of(
     for (table, file), rows in by_file.items():
         uri = join(root, table, file) if table else join(root, file)
         fs, path = get_fs(uri, storage)
-        data = with_retries(
-            lambda p=path, f=fs: pq.read_table(p, columns=["key", "caption"], filesystem=f),
-            f"read {uri}",
-        )
+        data = read_parquet_columns(fs, path, ["key", "caption"])
+        if data is None:
+            continue  # a file rewritten without captions since the build: none to show
+        # A stale index may name rows a rewritten file no longer has; the key check
+        # below shows no caption rather than another row's.
+        rows = [r for r in rows if r["row"] < data.num_rows]
         picked = data.take(pa.array([r["row"] for r in rows], type=pa.int64()))
         for r, key, caption in zip(
             rows,

@@ -3,9 +3,9 @@
 Each build is written whole into a folder of its own, then made current by one small
 pointer, written last and atomically:
 
-    {root}/_knn/image/v-20261201T120000Z-1a2b3c4d/index.faiss   the FAISS index
-    {root}/_knn/image/v-20261201T120000Z-1a2b3c4d/ids.parquet   id -> table, file, row, key
-    {root}/_knn/image/v-20261201T120000Z-1a2b3c4d/build.json    lineage: snapshot, model, settings
+    {root}/_knn/image/v-20261201T120000123456Z-1a2b3c4d/index.faiss   the FAISS index
+    {root}/_knn/image/v-20261201T120000123456Z-1a2b3c4d/ids.parquet   id -> table, file, row, key
+    {root}/_knn/image/v-20261201T120000123456Z-1a2b3c4d/build.json    lineage: snapshot, model, settings
     {root}/_knn/image/CURRENT.json                              which build is the index
 
 That is the commit protocol for a many-file artifact: stage (the version folder, which no
@@ -16,10 +16,10 @@ next build removes folders that are neither current nor the one before.
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import logging
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from clipbatch.config import StorageOptions
 from clipbatch.errors import ClipbatchError
+from clipbatch.faults import crash_point
 from clipbatch.io.retry import with_retries
 from clipbatch.io.storage import get_fs, join, read_bytes, remove_quietly, write_bytes_atomic
 
@@ -108,7 +109,10 @@ def list_indexes(root: str, storage: StorageOptions | None = None) -> list[str]:
 
 
 def new_version() -> str:
-    return f"v-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    """``v-{UTC time to the microsecond}-{random}``: versions sort in the order they were
+    made (the clean-up below relies on it), and never collide."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    return f"v-{stamp}-{uuid.uuid4().hex[:8]}"
 
 
 def ids_bytes(table: pa.Table) -> bytes:
@@ -136,11 +140,14 @@ def commit_build(
     for file, data in files.items():
         fs, path = get_fs(join(build.uri, file), storage)
         write_bytes_atomic(fs, path, data)
+        if file == INDEX_FILE:
+            crash_point("knn_mid_stage", name)
     for file, data in files.items():  # verify before the switch: every byte is there
         fs, path = get_fs(join(build.uri, file), storage)
         size = with_retries(lambda f=fs, p=path: f.size(p), f"stat {path}")
         if size != len(data):
             raise IndexCorruptError(f"{build.uri}/{file}: {size} bytes staged, {len(data)} written")
+    crash_point("knn_before_pointer", name)
     pointer = {"version": version, "built_at": info.get("built_at"), "vectors": info.get("vectors")}
     fs, path = get_fs(join(index_uri(root, name), CURRENT), storage)
     write_bytes_atomic(fs, path, json.dumps(pointer, indent=1, sort_keys=True).encode())

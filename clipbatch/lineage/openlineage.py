@@ -24,7 +24,6 @@ from typing import Any
 
 import attr
 import pyarrow as pa
-import pyarrow.parquet as pq
 from openlineage.client import OpenLineageClient
 from openlineage.client.event_v2 import InputDataset, Job, OutputDataset, Run, RunEvent, RunState
 from openlineage.client.facet_v2 import (
@@ -41,7 +40,7 @@ from openlineage.client.facet_v2 import (
 
 from clipbatch import __version__
 from clipbatch.config import EmbedConfig, SourceConfig
-from clipbatch.io.storage import get_fs
+from clipbatch.io.storage import get_fs, read_parquet_metadata
 from clipbatch.lineage.naming import dataset_id, dataset_prefix
 from clipbatch.lineage.redact import Redactor
 from clipbatch.lineage.transport import namespace, transport_configured
@@ -149,7 +148,7 @@ def schema_facet(schema: pa.Schema) -> schema_dataset.SchemaDatasetFacet:
 def read_schema(uri: str, storage: Any) -> pa.Schema | None:
     try:
         fs, path = get_fs(uri, storage)
-        return pq.read_schema(path, filesystem=fs).remove_metadata()
+        return read_parquet_metadata(fs, path).schema.to_arrow_schema().remove_metadata()
     except (OSError, pa.ArrowInvalid) as e:
         log.debug("no schema for %s: %s", uri, e)
         return None

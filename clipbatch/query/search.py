@@ -114,6 +114,7 @@ class SearchMethod:
     kind: str  # "knn" | "brute force"
     detail: str
     stale: bool = False
+    model: dict[str, Any] | None = None  # the model that encoded the queries (the table's)
 
 
 def search(
@@ -193,11 +194,13 @@ def search_root(
         names = [t.dest.rstrip("/")[len(base) :].lstrip("/") for t in tables]
         hits = search(tables, queries, k, device, storage, names)
         why = "asked to" if not use_index else "no kNN index; `clipbatch index` builds one"
-        return hits, SearchMethod("brute force", f"brute force over {rows:,} rows ({why})")
+        detail = f"brute force over {rows:,} rows ({why})"
+        return hits, SearchMethod("brute force", detail, model=_one_model(tables))
     from clipbatch.knn.search import captions_of, index_staleness
 
     stale = index_staleness(root, "image", storage)
-    q = TextQueryEncoder(index.build.info["model"], device, storage)(queries)
+    model = index.build.info["model"]
+    q = TextQueryEncoder(model, device, storage)(queries)
     found = index.search(q, k)
     captions = captions_of(root, [row for hits in found for _, row in hits], storage)
     hits = [
@@ -208,7 +211,8 @@ def search_root(
         for query, per_query in zip(queries, found, strict=True)
     ]
     state = stale.describe() if stale is not None else "current"
-    return hits, SearchMethod("knn", f"{index.describe}; {state}", bool(stale and stale.stale))
+    stale_now = bool(stale and stale.stale)
+    return hits, SearchMethod("knn", f"{index.describe}; {state}", stale_now, model)
 
 
 def _one_model(tables: list[OutputTable]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from clipbatch.config import SinkConfig, StorageOptions
 from clipbatch.errors import ClipbatchError
 from clipbatch.io.retry import with_retries
-from clipbatch.io.storage import get_fs, join
+from clipbatch.io.storage import get_fs, join, read_parquet_columns, read_parquet_metadata
 from clipbatch.sink.commits import (
     file_version,
 )
@@ -52,10 +52,15 @@ class OutputTable:
     storage: StorageOptions | None = None
 
     def read(self, file: ShardFile, columns: Sequence[str] | None = None) -> pa.Table:
-        return with_retries(
-            lambda: pq.read_table(file.path, columns=columns, filesystem=self.fs),
-            f"read {file.name}",
-        )
+        """One shard file; with ``columns``, only their bytes are fetched."""
+        if columns is None:
+            return with_retries(
+                lambda: pq.read_table(file.path, filesystem=self.fs), f"read {file.name}"
+            )
+        table = read_parquet_columns(self.fs, file.path, list(columns))
+        if table is None:
+            raise TableError(f"{file.name}: lacks one of the columns {list(columns)}")
+        return table
 
     def iter_tables(self, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
         for file in self.files:
@@ -104,7 +109,7 @@ def open_table(dest: str, storage: StorageOptions | None = None) -> OutputTable:
     files = []
     for e in entries:
         p = e["name"]
-        meta = with_retries(lambda p=p: pq.read_metadata(p, filesystem=fs), f"read footer {p}")
+        meta = with_retries(lambda p=p: read_parquet_metadata(fs, p), f"read footer {p}")
         files.append(
             ShardFile(
                 name=p.rsplit("/", 1)[-1],
@@ -135,6 +140,8 @@ def find_tables(
         found = find_files(fs, base)
     except FileNotFoundError as e:
         raise TableError(f"{root} does not exist") from e
+    if not found and not with_retries(lambda: fs.exists(base), f"stat {root}"):
+        raise TableError(f"{root} does not exist")
     tables: dict[str, dict[str, tuple[str, str]]] = {}
     for path, info in found.items() if isinstance(found, dict) else found:
         rel = path[len(base) :].lstrip("/")

@@ -27,7 +27,7 @@ from clipbatch.config import SinkConfig
 from clipbatch.errors import ShardVerificationError
 from clipbatch.faults import crash_point
 from clipbatch.io.retry import with_retries
-from clipbatch.io.storage import file_digests, get_fs, is_local_fs, move
+from clipbatch.io.storage import file_digests, get_fs, is_local_fs, move, read_parquet_metadata
 from clipbatch.sink.commits import file_version
 from clipbatch.sink.layout import LOCAL_PREFIX, output_uri, staging_uri
 from clipbatch.sink.rows import RowBlock, block_table
@@ -166,7 +166,7 @@ class ShardWriter:
 def verify_parquet(path: str, fs: Any, rows: int, schema: pa.Schema, fingerprint: str) -> None:
     """Check a written file's row count, schema and fingerprint from its footer."""
     try:
-        meta = with_retries(lambda: pq.read_metadata(path, filesystem=fs), f"read footer {path}")
+        meta = with_retries(lambda: read_parquet_metadata(fs, path), f"read footer {path}")
     except Exception as e:
         raise ShardVerificationError(f"staged file {path} is unreadable: {e}") from e
     if meta.num_rows != rows:
@@ -187,7 +187,7 @@ def read_file_metadata(uri: str, storage: Any = None) -> dict[str, Any] | None:
     """The ``clipbatch`` metadata of a committed file, or None if absent/unreadable."""
     fs, path = get_fs(uri, storage)
     try:
-        meta = with_retries(lambda: pq.read_metadata(path, filesystem=fs), f"read footer {uri}")
+        meta = with_retries(lambda: read_parquet_metadata(fs, path), f"read footer {uri}")
     except FileNotFoundError:
         return None
     except (OSError, pa.ArrowInvalid) as e:

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from clipbatch.config import SourceConfig
 from clipbatch.errors import ConfigError, SourceError
 from clipbatch.io.retry import RetryingReader, with_retries
-from clipbatch.io.storage import get_fs, is_local, to_uri
+from clipbatch.io.storage import get_fs, is_local, read_parquet_metadata, to_uri
 from clipbatch.records import (
     BAD_ROW,
     DUPLICATE_KEY,
@@ -128,7 +128,7 @@ class TableReader:
         per_shard = self.source.table_shard_rows
         if not per_shard:
             return None
-        meta = with_retries(lambda: pq.read_metadata(path, filesystem=fs), f"read {path}")
+        meta = with_retries(lambda: read_parquet_metadata(fs, path), f"read {path}")
         if meta.num_rows <= per_shard:
             return None
         ranges, start, stop = [], 0, 0
@@ -146,7 +146,7 @@ class TableReader:
         if shard.uri not in self._schemas:
             fs, path = get_fs(shard.uri, self.source.storage)
             self._schemas[shard.uri] = with_retries(
-                lambda: pq.read_schema(path, filesystem=fs), f"read {path}"
+                lambda: read_parquet_metadata(fs, path).schema.to_arrow_schema(), f"read {path}"
             )
         return self._schemas[shard.uri]
 

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from clipbatch.config import SourceConfig
 from clipbatch.io.retry import RetryingReader, with_retries
-from clipbatch.io.storage import get_fs, to_uri
+from clipbatch.io.storage import get_fs, read_parquet_metadata, to_uri
 from clipbatch.records import (
     DUPLICATE_KEY,
     MISSING_IMAGE,
@@ -100,7 +100,9 @@ class WebDatasetReader:
         fields = [pa.field("json", pa.string())]
         if shard.sidecar_uri:
             fs, path = get_fs(shard.sidecar_uri, self.source.storage)
-            schema = with_retries(lambda: pq.read_schema(path, filesystem=fs), f"read {path}")
+            schema = with_retries(
+                lambda: read_parquet_metadata(fs, path).schema.to_arrow_schema(), f"read {path}"
+            )
             fields += [
                 pa.field(passthrough_name(f.name), f.type)
                 for f in schema

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("flows.cli.run", "embed a dataset (S3, any fsspec URL, or a local path)"),
     "search": ("clipbatch.cli.search", "text->image search over an output table"),
     "index": ("clipbatch.cli.index", "build or update the kNN indexes of a table (_knn/)"),
+    "dedup": ("clipbatch.cli.dedup", "near-duplicate pairs from a table's kNN index"),
     "inspect": ("clipbatch.cli.inspect", "validate an output table; non-zero if inconsistent"),
     "lineage": ("clipbatch.cli.lineage", "trace rows to their source versions; exit 1 if stale"),
 }
