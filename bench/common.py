@@ -34,6 +34,50 @@ VIT_B32: dict[str, Any] = dict(
 )
 
 
+def siglip_config(
+    width: int, mlp: int, layers: int, heads: int, image_size: int, patch_size: int
+) -> dict[str, Any]:
+    """A SiglipConfig's arguments for one shape: both towers alike, SigLIP's text ids
+    (pad = eos = 1, no bos) and its 64-token context."""
+    tower = dict(
+        hidden_size=width,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+    )
+    return {
+        "text_config": dict(
+            vocab_size=32000,
+            **tower,
+            max_position_embeddings=64,
+            pad_token_id=1,
+            eos_token_id=1,
+            bos_token_id=None,
+        ),
+        "vision_config": dict(image_size=image_size, patch_size=patch_size, **tower),
+    }
+
+
+def siglip_tokenizer(prefix: Path, corpus: list[str], vocab_size: int) -> Any:
+    """A SiglipTokenizer (64 tokens) over a SentencePiece model trained here on ``corpus``
+    (nothing is downloaded); the model files are written at ``prefix``."""
+    import sentencepiece as spm
+    from transformers import SiglipTokenizer
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus),
+        model_prefix=str(prefix),
+        vocab_size=vocab_size,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    return SiglipTokenizer(vocab_file=f"{prefix}.model", model_max_length=64)
+
+
 def work_dir() -> Path:
     path = Path(os.environ.get("CLIPBATCH_BENCH_DIR", "/tmp/clipbatch-bench"))
     path.mkdir(parents=True, exist_ok=True)

@@ -28,32 +28,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import cosines, jpegs, pil, rate, run_pipeline, shards, work_dir
+from bench.common import (
+    cosines,
+    jpegs,
+    pil,
+    rate,
+    run_pipeline,
+    shards,
+    siglip_config,
+    siglip_tokenizer,
+    work_dir,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here downloads anything
 
 CAPTION = "a small red circle on the left of a striped blue background"
-SIGLIP_BASE: dict[str, Any] = {
-    "text_config": dict(
-        vocab_size=32000,
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        max_position_embeddings=64,
-        pad_token_id=1,
-        eos_token_id=1,
-        bos_token_id=None,
-    ),
-    "vision_config": dict(
-        image_size=224,
-        patch_size=16,
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-    ),
-}
+SIGLIP_BASE = siglip_config(768, 3072, 12, 12, image_size=224, patch_size=16)
 
 
 def open_clip_vit_b32_dir() -> Path:
@@ -86,14 +76,7 @@ def siglip_base_dir() -> Path:
     folder = work_dir() / "hf-random-siglip-base"
     if (folder / "model.safetensors").is_file():
         return folder
-    import sentencepiece as spm
-    from transformers import (
-        SiglipConfig,
-        SiglipImageProcessor,
-        SiglipModel,
-        SiglipProcessor,
-        SiglipTokenizer,
-    )
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor
 
     from clipbatch.synthetic import COLOURS, SHAPES
 
@@ -103,18 +86,7 @@ def siglip_base_dir() -> Path:
     words = [*COLOURS, *SHAPES, "a", "the", "small", "large", "on", "left", "of", "background"]
     rng = np.random.default_rng(0)
     corpus = [" ".join(rng.choice(words, 10)) for _ in range(500)] + [CAPTION]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus),
-        model_prefix=str(tmp / "_spm" / "spm"),
-        vocab_size=200,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        hard_vocab_limit=False,
-        minloglevel=2,
-    )
-    tokenizer = SiglipTokenizer(vocab_file=str(tmp / "_spm" / "spm.model"), model_max_length=64)
+    tokenizer = siglip_tokenizer(tmp / "_spm" / "spm", corpus, vocab_size=200)
     torch.manual_seed(0)
     model = SiglipModel(SiglipConfig(**SIGLIP_BASE)).half().eval()
     model.save_pretrained(tmp)

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from bench.common import siglip_config, siglip_tokenizer
+
 TARGETS = {"encode_only": 15_000.0, "text": 30_000.0, "end_to_end": 5_000.0}
 CAPTIONS = [
     "a small red circle on the left of a striped blue background",
@@ -136,27 +138,7 @@ FAMILY_SHAPES: dict[str, dict[str, Any]] = {
     "SigLIP-SO400M/14@384 (transformers)": {
         "family": "hf",
         "batch": 128,
-        "siglip": {
-            "text_config": dict(
-                vocab_size=32000,
-                hidden_size=1152,
-                intermediate_size=4304,
-                num_hidden_layers=27,
-                num_attention_heads=16,
-                max_position_embeddings=64,
-                pad_token_id=1,
-                eos_token_id=1,
-                bos_token_id=None,
-            ),
-            "vision_config": dict(
-                image_size=384,
-                patch_size=14,
-                hidden_size=1152,
-                intermediate_size=4304,
-                num_hidden_layers=27,
-                num_attention_heads=16,
-            ),
-        },
+        "siglip": siglip_config(1152, 4304, 27, 16, image_size=384, patch_size=14),
     },
 }
 
@@ -226,26 +208,14 @@ def _siglip_processor(spec: dict[str, Any]) -> Any:
     """A SigLIP processor at the shape's size, with a SentencePiece tokenizer trained here."""
     import tempfile
 
-    import sentencepiece as spm
-    from transformers import SiglipImageProcessor, SiglipProcessor, SiglipTokenizer
+    from transformers import SiglipImageProcessor, SiglipProcessor
 
     size = spec["siglip"]["vision_config"]["image_size"]
-    words = CAPTIONS * 50
     prefix = Path(tempfile.mkdtemp()) / "spm"
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(words),
-        model_prefix=str(prefix),
-        vocab_size=150,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        hard_vocab_limit=False,
-        minloglevel=2,
-    )
+    tokenizer = siglip_tokenizer(prefix, CAPTIONS * 50, vocab_size=150)
     return SiglipProcessor(
         image_processor=SiglipImageProcessor(size={"height": size, "width": size}),
-        tokenizer=SiglipTokenizer(vocab_file=f"{prefix}.model", model_max_length=64),
+        tokenizer=tokenizer,
     )
 
 

@@ -270,6 +270,7 @@ def _build(
     unless every vector fit in ``HOLD_BYTES`` during the first (then one pass)."""
     counts: dict[str, int] = {}
     sample: list[np.ndarray] = []
+    sampled = 0
     stride = 1  # every stride-th vector of each file is sampled: uniform over the table
     held: list[FileVectors] | None = []
     held_bytes = 0
@@ -280,13 +281,18 @@ def _build(
         if not len(fv.rows):
             continue
         sample.append(fv.vectors[::stride])
+        sampled += len(sample[-1])
         # Bounded memory: at most 2 x MAX_TRAIN sampled, thinned evenly as files arrive.
-        if sum(len(x) for x in sample) > 2 * MAX_TRAIN:
+        if sampled > 2 * MAX_TRAIN:
             sample = [np.concatenate(sample)[::2]]
+            sampled = len(sample[0])
             stride *= 2
         if held is not None:
             held_bytes += fv.vectors.nbytes
-            held = held + [fv] if held_bytes <= HOLD_BYTES else None
+            if held_bytes <= HOLD_BYTES:
+                held.append(fv)
+            else:
+                held = None
     total = sum(counts.values())
     if total == 0:
         raise NoVectorsError(f"{snap.root}: no row has a {column} vector to index")
@@ -312,9 +318,7 @@ def _build(
         run_meta, ids.next,
     )  # fmt: skip
     info["parent"] = parent.version if parent else None
-    build = commit_build(
-        snap.root, name, faiss.serialize_index(index).tobytes(), ids.to_bytes(), info, storage
-    )
+    build = _commit(faiss, snap, name, index, ids, info, storage)
     return BuildReport(
         name, snap.root, "built", int(index.ntotal), added=int(index.ntotal),
         files=len(snap.files), factory=factory, version=build.version,
@@ -345,7 +349,8 @@ def _update(
         removed = int(index.remove_ids(faiss.IDSelectorBatch(doomed.astype(np.int64))))
     kept = old_ids.filter(pc.invert(drop))
     ids = _Ids(start=int(info.get("next_id", 0)), kept=kept)
-    counts = {f["key"]: f.get("vectors", 0) for f in info["files"] if f["key"] not in set(gone)}
+    gone_keys = set(gone)
+    counts = {f["key"]: f.get("vectors", 0) for f in info["files"] if f["key"] not in gone_keys}
     model = _OneModel(snap.root, info.get("model"))
     for fv in _iter_vectors(snap, new, column):
         model.check(fv)  # another model: ModelChangedError, and build_index rebuilds
@@ -359,18 +364,24 @@ def _update(
         ids.next,
     )  # fmt: skip
     out["parent"] = current.version
-    build = commit_build(
-        snap.root,
-        current.name,
-        faiss.serialize_index(index).tobytes(),
-        ids.to_bytes(),
-        out,
-        storage,
-    )
+    build = _commit(faiss, snap, current.name, index, ids, out, storage)
     return BuildReport(
         current.name, snap.root, "updated", int(index.ntotal), added=ids.added, removed=removed,
         files=len(snap.files), factory=factory, version=build.version,
     )  # fmt: skip
+
+
+def _commit(
+    faiss: Any,
+    snap: Snapshot,
+    name: str,
+    index: Any,
+    ids: _Ids,
+    info: dict[str, Any],
+    storage: StorageOptions | None,
+) -> StoredBuild:
+    index_bytes = faiss.serialize_index(index).tobytes()
+    return commit_build(snap.root, name, index_bytes, ids.to_bytes(), info, storage)
 
 
 def _with_ids(factory: str) -> str:

@@ -94,23 +94,18 @@ def _download(name: ModelName) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        folder = Path(
-            snapshot_download(
-                name.value,
-                revision=name.revision,
-                allow_patterns=[*_HUB_FILES, *_HUB_SAFETENSORS],
-                ignore_patterns=_HUB_SKIP,
-            )
-        )
-        if not weight_files(folder):  # an older repo: PyTorch pickles only
+        # Safetensors first; an older repo has PyTorch pickles only.
+        for weights in (_HUB_SAFETENSORS, _HUB_PICKLES):
             folder = Path(
                 snapshot_download(
                     name.value,
                     revision=name.revision,
-                    allow_patterns=[*_HUB_FILES, *_HUB_PICKLES],
+                    allow_patterns=[*_HUB_FILES, *weights],
                     ignore_patterns=_HUB_SKIP,
                 )
             )
+            if weight_files(folder):
+                break
     except Exception as e:  # noqa: BLE001 - any hub failure is a configuration problem here
         raise ConfigError(
             f"model {name.canonical!r}: could not fetch it from the Hugging Face hub ({e}); "
