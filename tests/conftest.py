@@ -20,6 +20,12 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.pop("AWS_PROFILE", None)
+# Every test process, and each child it starts, inherits these. botocore probes the
+# instance-metadata address (169.254.169.254) when it finds no credentials; and no model
+# hub can be reached from a test.
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault(
     "CLIPBATCH_CACHE", str(Path(__file__).parent.parent / ".pytest_cache" / "clipbatch")

@@ -24,11 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-
-from clipbatch.synthetic import COLOURS, SHAPES, jpeg_bytes, random_spec, render  # noqa: E402
+from clipbatch.synthetic import COLOURS, SHAPES, jpeg_bytes, random_spec, render
 
 N_PX = 32
 CAPTIONS = [

@@ -25,8 +25,6 @@ import pytest
 
 from tests.helpers import read_table, tiny_s3_config
 
-os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-
 pytestmark = pytest.mark.timeout(240)
 
 DATA = Path(__file__).parent / "data"

@@ -37,8 +37,6 @@ from tests.corpus import write_webdataset_corpus
 from tests.faultproxy import FaultProxy
 from tests.helpers import tiny_s3_config
 
-os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-
 pytestmark = pytest.mark.timeout(300)
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-
 pytestmark = pytest.mark.timeout(120)
 
 REPO = Path(__file__).resolve().parent.parent

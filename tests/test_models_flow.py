@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +21,6 @@ from clipbatch.synthetic import write_webdataset
 from tests import model_fixtures as mf
 from tests.conftest import upload_dir
 from tests.helpers import read_table, tar_samples
-
-os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -10,13 +10,13 @@ preprocessing for CLIP's fails the comparison; the NaFlex Siglip2Model is refuse
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from clipbatch.config import ModelConfig
 from clipbatch.encode.encoder import ClipEncoder
@@ -27,12 +27,6 @@ from clipbatch.models.loading import LoadedModel, load_model, resolve_checkpoint
 from clipbatch.preprocess.decode import DecodeOptions, decode_to_pixels
 from clipbatch.preprocess.resize import CLIP_MEAN, CLIP_STD, ImagePreprocess
 from tests import model_fixtures as mf
-
-os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
-
-import transformers  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from clipbatch.errors import ConfigError
@@ -16,9 +14,6 @@ from clipbatch.models.names import (
     LOCAL_DIR,
     parse_model_name,
 )
-
-os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.mark.parametrize(

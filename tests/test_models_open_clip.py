@@ -9,12 +9,12 @@ where the model differs, and hub names fail at once offline.
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 
@@ -25,12 +25,6 @@ from clipbatch.models.loading import LoadedModel, load_model, resolve_checkpoint
 from clipbatch.preprocess.decode import DecodeOptions, decode_to_pixels
 from clipbatch.preprocess.resize import CLIP_MEAN, CLIP_STD, ImagePreprocess
 from tests import model_fixtures as mf
-
-os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
-
-import open_clip  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -7,7 +7,6 @@ OpenAI state dict equals ``clip.load``'s own calls.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import clip
@@ -21,8 +20,6 @@ from clipbatch.models.loading import load_model, resolve_checkpoint
 from clipbatch.preprocess.decode import DecodeOptions, decode_to_pixels
 from clipbatch.preprocess.resize import ImagePreprocess
 from tests import model_fixtures as mf
-
-os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import uuid
 from collections import Counter
 from dataclasses import dataclass
@@ -32,8 +31,6 @@ from clipbatch.sink.commits import (
 from clipbatch.synthetic import write_webdataset
 from tests.faultproxy import Exchange, FaultProxy
 from tests.helpers import tiny_s3_config
-
-os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 

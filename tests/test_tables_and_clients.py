@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
-import os
 import threading
 import uuid
 from collections.abc import Iterator
@@ -34,8 +33,6 @@ from clipbatch.errors import ConfigError
 from clipbatch.sources.netguard import AddressPolicy
 from clipbatch.synthetic import jpeg_bytes, random_spec, render, write_webdataset
 from flows.cli.main import main as cli
-
-os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 pytestmark = pytest.mark.timeout(240)
 
