@@ -72,7 +72,7 @@ def _timed(fn: Any, items: int, seconds: float) -> float:
 def model_limits(model: torch.nn.Module, batch: int) -> dict[str, float]:
     import clip
 
-    from clipbatch.encode.encoder import encode_text_trimmed
+    from clipbatch.models.openai import encode_text_trimmed
 
     images = torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.float16)
     captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(batch)]
@@ -98,8 +98,8 @@ def gpu_decode_fidelity(model: torch.nn.Module, count: int = 32) -> dict[str, fl
     from clip.clip import _transform
 
     from bench.common import cosines, jpegs, pil
-    from clipbatch.encode.encoder import CLIP_MEAN, CLIP_STD
     from clipbatch.preprocess.device import decode_jpegs_on_device
+    from clipbatch.preprocess.resize import CLIP_MEAN, CLIP_STD
 
     data = jpegs(count // 2, 512, 384, seed=5) + jpegs(count - count // 2, 1024, 700, seed=6)
     reference = torch.stack([_transform(224)(pil(d)) for d in data]).cuda()

@@ -28,7 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench.common import work_dir
-from clipbatch.knn.build import IndexSettings, build_index, faiss_module
+from clipbatch.knn.build import build_index
+from clipbatch.knn.policy import IndexSettings, faiss_module
 from clipbatch.knn.search import open_index
 from clipbatch.knn.store import INDEX_FILE
 from clipbatch.sink.schema import encode_metadata

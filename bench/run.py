@@ -287,7 +287,7 @@ def wall_clock_vs_clip_retrieval(count: int = 2000) -> dict[str, Any]:
     res: dict[str, Any] = {"images": count, "shards": len(tars)}
     out = work_dir() / "cli-out"
     shutil.rmtree(out, ignore_errors=True)
-    clipbatch = [sys.executable, "-m", "flows.cli.main"]
+    clipbatch = [sys.executable, "-m", "clipbatch_flows.cli.main"]
     args = ["run", "--source", str(src), "--dest", str(out / "ours"), "--model", "tiny",
             "--device", "cpu", "--no-progress", "--overwrite"]  # fmt: skip
     env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false")

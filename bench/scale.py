@@ -52,8 +52,9 @@ def child(args: argparse.Namespace) -> int:
     """The flow run, in a process of its own: prints its summary, wall time and peak RSS."""
     import resource
 
+    from clipbatch_flows.embed import embed_dataset
+
     from clipbatch.config import build_config
-    from flows.embed import embed_dataset
 
     storage = {"endpoint_url": args.endpoint}
     config = build_config(

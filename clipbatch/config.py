@@ -10,6 +10,7 @@ an AWS profile named by ``storage.profile``, or a Prefect block named by
 from __future__ import annotations
 
 import copy
+import ipaddress
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from clipbatch.errors import ConfigError
 
+# The choices of the config's enumerated fields: the CLI's flags take theirs from here.
 SourceKind = Literal["auto", "webdataset", "folder", "table"]
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+PreprocessMode = Literal["exact", "fast", "gpu"]
+EmbeddingDtype = Literal["float16", "float32"]
 
 # Keys that would carry secrets inside fsspec storage options. We refuse them in
 # parameters because Prefect stores flow parameters in plain text.
@@ -87,43 +92,6 @@ class StorageOptions(_Frozen):
                 "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY), an AWS profile, or a Prefect block"
             )
         return value
-
-    def fsspec_kwargs(self, protocol: str) -> dict[str, Any]:
-        """Translate to the keyword arguments fsspec's filesystem for ``protocol`` takes."""
-        kwargs: dict[str, Any] = dict(self.extra)
-        if protocol in ("s3", "s3a"):
-            # Listings decide what is done and what to skip; a cached listing from an
-            # earlier run in the same process would be stale.
-            kwargs.setdefault("use_listings_cache", False)
-            # One retry layer for storage calls: clipbatch's (clipbatch.io.retry). botocore
-            # makes one attempt (and s3fs too: clipbatch.io.storage.get_fs), so attempts
-            # never multiply.
-            config_kwargs = dict(kwargs.pop("config_kwargs", {}))
-            config_kwargs.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
-            kwargs["config_kwargs"] = config_kwargs
-            client_kwargs = dict(kwargs.pop("client_kwargs", {}))
-            if self.endpoint_url:
-                kwargs["endpoint_url"] = self.endpoint_url
-            if self.region:
-                client_kwargs["region_name"] = self.region
-            if self.profile:
-                kwargs["profile"] = self.profile
-            if self.anon:
-                kwargs["anon"] = True
-            if self.credentials_block:
-                from clipbatch.io.credentials import lookup
-
-                creds = lookup(self.credentials_block)
-                kwargs.update(creds.s3_kwargs())
-                if creds.endpoint_url and not self.endpoint_url:
-                    kwargs["endpoint_url"] = creds.endpoint_url
-                if creds.region and not self.region:
-                    client_kwargs["region_name"] = creds.region
-            if client_kwargs:
-                kwargs["client_kwargs"] = client_kwargs
-        elif self.anon:
-            kwargs["anon"] = True
-        return kwargs
 
 
 class SourceConfig(_Frozen):
@@ -201,11 +169,9 @@ class SourceConfig(_Frozen):
     @field_validator("allow_networks")
     @classmethod
     def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        from clipbatch.sources.netguard import parse_networks
-
         for i, entry in enumerate(value):
             try:
-                parse_networks([entry])
+                ipaddress.ip_network(entry.strip(), strict=False)
             except ValueError:
                 # Not echoed: validation errors never repeat input values.
                 raise ValueError(
@@ -251,9 +217,7 @@ class RuntimeConfig(_Frozen):
         description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'.",
         pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$",
     )
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
-        "auto", description="'auto' is fp16 on CUDA and fp32 on the CPU."
-    )
+    precision: Precision = Field("auto", description="'auto' is fp16 on CUDA and fp32 on the CPU.")
     batch_size: int = Field(256, ge=1, le=65_536, description="Images per forward pass.")
     # A separate switch, not batch_size='auto': the UI form and the server's parameter
     # check keep a plain integer field with its bounds.
@@ -280,7 +244,7 @@ class RuntimeConfig(_Frozen):
         description="Shards per task run, each still committed on its own. 0 (auto): one "
         "up to 1,000 shards, then enough that a flow run makes about 1,000 task runs.",
     )
-    preprocess: Literal["exact", "fast", "gpu"] = Field(
+    preprocess: PreprocessMode = Field(
         "exact",
         description="'exact' matches the model's own preprocessing; 'fast' uses JPEG draft "
         "decoding and trades a little fidelity for speed; 'gpu' decodes JPEGs batched on "
@@ -317,7 +281,7 @@ class SinkConfig(_Frozen):
     """Where and how the embedding table is written (design.md §2-3)."""
 
     url: str = Field(..., description="Destination URL for the Parquet table.", min_length=1)
-    dtype: Literal["float16", "float32"] = Field("float16", description="Embedding storage dtype.")
+    dtype: EmbeddingDtype = Field("float16", description="Embedding storage dtype.")
     normalize: bool = Field(True, description="L2-normalise embeddings.")
     overwrite: bool = Field(False, description="Redo shards even when their fingerprint matches.")
     row_group_size: int = Field(4096, ge=64, le=1_000_000, description="Rows per row group.")

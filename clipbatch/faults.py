@@ -17,6 +17,8 @@ import logging
 import os
 import signal
 
+from clipbatch.upgrade.names import crash_point_name
+
 log = logging.getLogger(__name__)
 
 CRASH_ENV = "CLIPBATCH_CRASH_AT"
@@ -30,8 +32,6 @@ CRASH_POINTS = (
     "knn_mid_stage",  # a kNN build's index file staged, its id map and lineage not yet
     "knn_before_pointer",  # a kNN build staged and verified, CURRENT.json not yet switched
 )
-# Names from before the commit index, still accepted by drills and scripts.
-CRASH_ALIASES = {"before_manifest": "before_index"}
 
 
 def crash_point(point: str, shard: str) -> None:
@@ -40,7 +40,7 @@ def crash_point(point: str, shard: str) -> None:
     if not spec:
         return
     want, _, want_shard = spec.partition(":")
-    want = CRASH_ALIASES.get(want, want)
+    want = crash_point_name(want)
     if want not in CRASH_POINTS:
         raise ValueError(f"{CRASH_ENV}={spec!r}: point must be one of {CRASH_POINTS}")
     if want == point and (not want_shard or want_shard == shard):

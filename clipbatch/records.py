@@ -1,7 +1,7 @@
 """Typed records passed between the pipeline stages.
 
 reader -> :class:`RawSample` -> decode/preprocess -> :class:`PreparedSample`
--> encode -> :class:`clipbatch.sink.rows.RowBlock` -> sink. Row statuses are stable codes
+-> encode -> :class:`RowBlock` -> sink. Row statuses are stable codes
 (design.md §3): once a row has a non-ok status it still flows to the sink, with
 null embeddings, so every input row yields exactly one output row.
 """
@@ -51,6 +51,34 @@ def may_keep_caption(status: str) -> bool:
 
 # column -> the rule for whether a row's status allows a vector there
 VECTOR_KEEP_RULES = {"image_embedding": may_keep_image, "text_embedding": may_keep_caption}
+
+
+# The embedding table's own columns, in order (design.md §3). ``sink/schema.py`` gives
+# them their types; a test holds the two together.
+TABLE_COLUMNS = (
+    "key",
+    "source_uri",
+    "source_member",
+    "source_version",
+    "caption",
+    "caption_truncated",
+    "image_sha256",
+    "width",
+    "height",
+    "status",
+    "error",
+    "image_embedding",
+    "text_embedding",
+    "similarity",
+)
+# Our columns, plus the ``json`` passthrough readers add: a source column of one of these
+# names is passed through as ``source_{name}``, so neither is lost.
+RESERVED_NAMES = frozenset(TABLE_COLUMNS) | {"json"}
+
+
+def passthrough_name(column: str) -> str:
+    """The output name of a source column passed through (sidecar, table column)."""
+    return f"source_{column}" if column in RESERVED_NAMES else column
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +134,18 @@ class PreparedSample:
     image_sha256: bytes | None = None
     # preprocess="gpu": JPEG bytes left for the batched decoder on the model's device.
     deferred_jpeg: bytes | None = None
+
+
+@dataclass
+class RowBlock:
+    """Rows ready to write, with embeddings already normalised and cast."""
+
+    rows: list[PreparedSample]
+    image_embeddings: np.ndarray | None  # (n, D) with NaN rows where absent, or None
+    text_embeddings: np.ndarray | None
+    has_image: np.ndarray  # bool mask
+    has_text: np.ndarray
+    truncated: list[bool]
 
 
 @dataclass

@@ -20,6 +20,14 @@ import json
 import time
 from typing import Any
 
+from clipbatch_flows.partitions import (
+    DATE_FIELDS,
+    check_template,
+    date_range,
+    parse_date,
+    partition_values,
+    placeholders,
+)
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 from prefect.client.orchestration import get_client
@@ -31,15 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from clipbatch.config import EmbedConfig, ModelConfig, RuntimeConfig, StorageOptions
 from clipbatch.errors import ClipbatchError, ConfigError
-from clipbatch.pipeline.window import completed
-from flows.partitions import (
-    DATE_FIELDS,
-    check_template,
-    date_range,
-    parse_date,
-    partition_values,
-    placeholders,
-)
+from clipbatch.window import completed
 
 MAX_PARTITIONS = 1000
 ARTIFACT_KEY = "embed-backfill"

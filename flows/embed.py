@@ -12,6 +12,13 @@ import uuid
 from collections.abc import Callable
 from typing import Annotated, Any
 
+from clipbatch_flows.observers import make_observers
+from clipbatch_flows.params import resolve_config
+from clipbatch_flows.partitions import scheduled_start_time
+from clipbatch_flows.run_meta import current_run_meta
+from clipbatch_flows.runners import shard_submitter
+from clipbatch_tasks.credentials import load_credentials
+from clipbatch_tasks.encode import encode_shards
 from prefect import flow
 from prefect.futures import PrefectFuture, as_completed
 from prefect.logging import get_run_logger
@@ -24,19 +31,12 @@ from clipbatch.errors import ShardTaskError
 from clipbatch.io.storage import check_writable
 from clipbatch.pipeline.devices import device_slots
 from clipbatch.pipeline.summary import RunFailedError, RunSummary
-from clipbatch.pipeline.window import completed
 from clipbatch.pipeline.worker import failed_result
 from clipbatch.plan.planner import ShardSlice, commit_record, plan_shards
 from clipbatch.records import ShardResult, ShardSpec
-from clipbatch.sink.commits import IndexWriter
+from clipbatch.sink.commits.writer import IndexWriter
 from clipbatch.sink.staging import clean_staging
-from flows.credentials import load_credentials
-from flows.observers import make_observers
-from flows.params import resolve_config
-from flows.partitions import scheduled_start_time
-from flows.run_meta import current_run_meta
-from flows.runners import shard_submitter
-from tasks.encode import encode_shards
+from clipbatch.window import completed
 
 # Task runs in flight are bounded by config.runtime.shard_concurrency (a sliding window
 # below); the runner's own bound only caps threads.

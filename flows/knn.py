@@ -2,7 +2,7 @@
 
 Started by hand (``prefect deployment run 'build-index/build-index' --param root=…``),
 or by the deployment's trigger on ``clipbatch.run.completed``, which every embed run
-emits when it completes having written something (:mod:`flows.reporting`).
+emits when it completes having written something (:mod:`clipbatch_flows.reporting`).
 
 One build per root at a time: the flow holds a slot of the global concurrency limit
 ``clipbatch-index-…`` of its root (limit 1, created on first use) for the whole build,
@@ -18,6 +18,9 @@ import hashlib
 import re
 from typing import Annotated, Any, Literal
 
+from clipbatch_flows.reporting import asset_key
+from clipbatch_flows.run_meta import current_run_meta
+from clipbatch_tasks.knn import build_knn_index
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.assets import Asset, AssetProperties, add_asset_metadata, materialize
@@ -29,11 +32,8 @@ from prefect.logging import get_run_logger
 from pydantic import Field
 
 from clipbatch.config import StorageOptions
-from clipbatch.knn.build import IndexSettings
+from clipbatch.knn.policy import IndexSettings
 from clipbatch.knn.store import index_uri
-from flows.reporting import asset_key
-from flows.run_meta import current_run_meta
-from tasks.knn import build_knn_index
 
 IndexName = Literal["image", "text"]
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from clipbatch_flows.reporting import PrefectReporter
+
 from clipbatch.config import EmbedConfig
 from clipbatch.lineage.observe import Observers, RunObserver
 from clipbatch.lineage.record import RunRecordWriter
 from clipbatch.lineage.redact import Redactor
 from clipbatch.lineage.transport import transport_configured
-from flows.reporting import PrefectReporter
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def make_observers(config: EmbedConfig, run_meta: dict[str, Any]) -> Observers:
     redactor = Redactor()
     observers: list[RunObserver] = [RunRecordWriter(config, meta, redactor)]
     if transport_configured():  # imported only then: the client alone costs 0.3 s
-        from clipbatch.lineage.openlineage import OpenLineageObserver
+        from clipbatch.lineage.openlineage.observer import OpenLineageObserver
 
         observers.append(OpenLineageObserver(config, meta, redactor=redactor))
     observers.append(PrefectReporter(config, meta, redactor))

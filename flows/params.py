@@ -14,9 +14,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from clipbatch_flows.partitions import fill, is_template, partition_for, partition_values
+
 from clipbatch.config import EmbedConfig, build_config
 from clipbatch.errors import ConfigError
-from flows.partitions import fill, is_template, partition_for, partition_values
 
 logger = logging.getLogger(__name__)
 

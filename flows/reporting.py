@@ -147,7 +147,7 @@ class PrefectReporter:
         """``clipbatch.run.completed`` about the table root (a partition's parent), with
         ``clipbatch.changed`` saying whether the run wrote anything: the build-index
         trigger matches changed tables only."""
-        from clipbatch.knn.tables import partition_root
+        from clipbatch.tables.snapshot import partition_root
 
         root = self.redact.text(partition_root(self.config.sink.url))
         emit_event(

@@ -27,6 +27,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -56,12 +57,20 @@ def _free_port() -> int:
 
 
 class TemporaryServer:
-    """Prefect's temporary API server, launched without importing ``prefect.server`` here."""
+    """Prefect's temporary API server, launched without importing ``prefect.server`` here.
 
-    def __init__(self) -> None:
+    Its output goes to a log file, not the user's terminal: a server stopped while its
+    background services run prints their cancellation tracebacks (Prefect's in-memory
+    messaging consumers), which say nothing about the user's run. The file is kept only
+    when the server fails, and its tail is in the error; ``verbose`` shows it live.
+    """
+
+    def __init__(self, verbose: bool = False) -> None:
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
         self.released = False  # told to stop; reaped at exit
+        self.verbose = verbose
+        self.log_path: Path | None = None
 
     @property
     def api_url(self) -> str:
@@ -94,11 +103,22 @@ class TemporaryServer:
                    "--factory", "prefect.server.api.server:create_app",
                    "--host", "127.0.0.1", "--port", str(self.port),
                    "--log-level", "error", "--lifespan", "on"]  # fmt: skip
-        self.process = subprocess.Popen(
-            command,
-            env=env,
-            stdin=subprocess.DEVNULL,
-        )
+        output = None
+        if not self.verbose:
+            fd, name = tempfile.mkstemp(prefix="clipbatch-prefect-server-", suffix=".log")
+            self.log_path = Path(name)
+            output = os.fdopen(fd, "wb")
+        try:
+            self.process = subprocess.Popen(
+                command,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT if output else None,
+            )
+        finally:
+            if output is not None:
+                output.close()  # the child holds its own descriptor
         atexit.register(self.stop)
 
     def wait_ready(self, timeout: float) -> str:
@@ -116,15 +136,24 @@ class TemporaryServer:
                 if code is not None:
                     raise TemporaryServerError(
                         f"Prefect's temporary server exited with code {code}; "
-                        "set PREFECT_API_URL to use a running server instead"
+                        "set PREFECT_API_URL to use a running server instead" + self._log_tail()
                     )
                 if self._healthy(client):
                     return self.api_url
                 time.sleep(0.05)
         raise TemporaryServerError(
             f"Prefect's temporary server did not answer within {timeout:.0f} s; "
-            "set PREFECT_API_URL to use a running server instead"
+            "set PREFECT_API_URL to use a running server instead" + self._log_tail()
         )
+
+    def _log_tail(self, lines: int = 20) -> str:
+        """The end of the server's log, for an error message; the file is kept."""
+        path = self.log_path
+        if path is None or not path.is_file():
+            return ""
+        self.log_path = None  # not removed at exit: the message names it
+        tail = path.read_text(errors="replace").splitlines()[-lines:]
+        return f"\nits log, {path}:\n" + "\n".join(tail)
 
     def _healthy(self, client: httpx.Client) -> bool:
         import httpx
@@ -183,10 +212,14 @@ class TemporaryServer:
             self.process.wait()
         self.process = None
         self.released = False
+        if self.log_path is not None:
+            with contextlib.suppress(OSError):
+                self.log_path.unlink()
+            self.log_path = None
 
 
-def _start_temporary_server() -> TemporaryServer:
-    server = TemporaryServer()
+def _start_temporary_server(verbose: bool = False) -> TemporaryServer:
+    server = TemporaryServer(verbose)
     server.start()
     server.warm_up_in_background()
     return server
@@ -195,7 +228,7 @@ def _start_temporary_server() -> TemporaryServer:
 class WarmStart:
     """Started first thing in a CLI run; enter :meth:`session` around the flow call."""
 
-    def __init__(self, config: EmbedConfig) -> None:
+    def __init__(self, config: EmbedConfig, verbose: bool = False) -> None:
         self.config = config
         self.server: TemporaryServer | None = None
         # Whether a server is needed is only known from Prefect's settings (environment,
@@ -203,12 +236,12 @@ class WarmStart:
         # yet and the environment names no API, start the server first and ask after.
         speculative = "prefect" not in sys.modules and not os.environ.get("PREFECT_API_URL")
         if speculative:
-            self.server = _start_temporary_server()
+            self.server = _start_temporary_server(verbose)
         from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
         needed = not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value()
         if needed and self.server is None:
-            self.server = _start_temporary_server()
+            self.server = _start_temporary_server(verbose)
         elif not needed and self.server is not None:
             self.server.stop()  # a profile names a server after all
             self.server = None

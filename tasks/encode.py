@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from clipbatch_tasks.credentials import load_credentials
+from clipbatch_tasks.retry import retry_on_transient
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
@@ -30,8 +32,6 @@ from clipbatch.pipeline.devices import run_shard_on_devices
 from clipbatch.pipeline.worker import committed_result, failed_result
 from clipbatch.records import ShardResult, ShardSpec
 from clipbatch.sink.layout import output_uri
-from flows.credentials import load_credentials
-from tasks.retry import retry_on_transient
 
 
 def group_name() -> str:
@@ -98,7 +98,7 @@ def encode_one(
     # The shard's own OpenLineage run, a child of the flow run (when configured).
     ol = None
     if transport_configured():
-        from clipbatch.lineage.openlineage import ShardLineage
+        from clipbatch.lineage.openlineage.shard import ShardLineage
 
         ol = ShardLineage(
             shard, config, run_meta, task_run.get_id(), output_uri(config.sink.url, shard.name)

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from clipbatch_tasks.credentials import load_storage_credentials
+from clipbatch_tasks.retry import retry_on_transient
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from clipbatch.config import StorageOptions
-from clipbatch.knn.build import IndexSettings, build_or_skip
-from flows.credentials import load_storage_credentials
-from tasks.retry import retry_on_transient
+from clipbatch.knn.build import build_or_skip
+from clipbatch.knn.policy import IndexSettings
 
 
 @task(

@@ -175,7 +175,7 @@ def check_rows(rows: list[dict], expected: dict[str, Expect], clip_ref) -> None:
 def test_webdataset_bad_inputs_and_error_ratio(
     prefect_harness, tmp_path, s3_bucket, s3_endpoint, clip_ref
 ):
-    from flows.embed import embed_dataset
+    from clipbatch_flows.embed import embed_dataset
 
     expected = write_webdataset_corpus(tmp_path / "wds")
     source = upload_dir(tmp_path / "wds", s3_bucket, "wds", s3_endpoint)
@@ -198,13 +198,13 @@ def test_webdataset_bad_inputs_and_error_ratio(
 
 def assert_inspect_consistent(dest: str, endpoint: str) -> None:
     """`clipbatch inspect` accepts a table full of bad rows: their kept vectors are by rule."""
-    from flows.cli.main import main as cli
+    from clipbatch_flows.cli.main import main as cli
 
     assert cli(["inspect", dest, "--endpoint-url", endpoint]) == 0
 
 
 def test_folder_bad_inputs(prefect_harness, tmp_path, s3_bucket, s3_endpoint, clip_ref):
-    from flows.embed import embed_dataset
+    from clipbatch_flows.embed import embed_dataset
 
     expected = write_folder_corpus(tmp_path / "imgs")
     source = upload_dir(tmp_path / "imgs", s3_bucket, "imgs", s3_endpoint)
@@ -221,7 +221,7 @@ def test_folder_bad_inputs(prefect_harness, tmp_path, s3_bucket, s3_endpoint, cl
 
 
 def test_table_bad_inputs(prefect_harness, tmp_path, s3_bucket, s3_endpoint, http_root, clip_ref):
-    from flows.embed import embed_dataset
+    from clipbatch_flows.embed import embed_dataset
 
     http_base, served = http_root
     s3_base = f"s3://{s3_bucket}/tbl"
@@ -272,7 +272,8 @@ def test_table_bad_inputs(prefect_harness, tmp_path, s3_bucket, s3_endpoint, htt
 
 def test_image_only_and_caption_only(prefect_harness, tmp_path, s3_bucket, s3_endpoint, clip_ref):
     """No 'missing_caption' where a dataset has no captions, no 'missing_image' where no images."""
-    from flows.embed import embed_dataset
+    from clipbatch_flows.embed import embed_dataset
+
     from tests.corpus import decoded_rgb, encode, picture
 
     ref_image, ref_text = clip_ref
@@ -322,8 +323,9 @@ def test_gpu_preprocessing_keeps_every_case(prefect_harness, tmp_path, clip_ref)
     """preprocess='gpu' sends plain JPEGs through the batched device decoder (on a CPU
     device, torchvision's CPU decoder: the same code path) and everything else through the
     CPU: every case still gets its exact status, and good rows match stock clip."""
+    from clipbatch_flows.embed import embed_dataset
+
     from clipbatch.config import build_config
-    from flows.embed import embed_dataset
 
     expected = write_webdataset_corpus(tmp_path / "wds")
     dest = tmp_path / "out"

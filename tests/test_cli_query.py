@@ -9,13 +9,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from clipbatch_flows.cli.main import main
 
 from clipbatch.cli.inspect import INCONSISTENT
 from clipbatch.config import StorageOptions, build_config
 from clipbatch.query.search import TextQueryEncoder, search
-from clipbatch.query.table import embedding_matrix, normalize_rows, open_table
 from clipbatch.synthetic import write_webdataset
-from flows.cli.main import main
+from clipbatch.tables.table import open_table
+from clipbatch.tables.vectors import embedding_matrix, normalize_rows
 from tests.conftest import upload_dir
 
 pytestmark = pytest.mark.timeout(240)
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.timeout(240)
 @pytest.fixture(scope="module")
 def table_dir(prefect_harness, tmp_path_factory) -> Path:
     """A small output table written by the flow, on local disk (tests copy it to tamper)."""
-    from flows.embed import embed_dataset
+    from clipbatch_flows.embed import embed_dataset
 
     root = tmp_path_factory.mktemp("cliquery")
     write_webdataset(root / "wds", shards=2, per_shard=12, seed=11, size=64)
@@ -199,7 +200,7 @@ def test_inspect_and_search_refuse_a_missing_table(
 def test_demo_answers_text_queries_from_its_table(
     prefect_harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from flows.cli.demo import DEMO_QUERIES
+    from clipbatch_flows.cli.demo import DEMO_QUERIES
 
     argv = ["demo", "--dir", str(tmp_path), "--shards", "1", "--per-shard", "12"]
     assert main([*argv, "--no-progress", "--device", "cpu"]) == 0

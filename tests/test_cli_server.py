@@ -33,7 +33,7 @@ def cli_env(home: Path, **extra: str) -> dict[str, str]:
 
 
 def run_cli(data: Path, dest: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "flows.cli.main", "run", "--source", str(data),
+    argv = [sys.executable, "-m", "clipbatch_flows.cli.main", "run", "--source", str(data),
             "--dest", str(dest), "--model", "tiny", "--device", "cpu", "--no-progress"]  # fmt: skip
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=240)
 

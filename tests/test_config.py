@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from clipbatch_flows.cli.main import build_parser
+from clipbatch_flows.cli.run import config_from_args
 
 from clipbatch.config import EmbedConfig, build_config, load_config
 from clipbatch.errors import ConfigError
-from flows.cli.main import build_parser
-from flows.cli.run import config_from_args
 
 
 def test_yaml_and_flags_agree(tmp_path):

@@ -21,13 +21,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from clipbatch_flows.runners import parse_task_runner
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from clipbatch.config import EmbedConfig, StorageOptions, build_config
 from clipbatch.errors import ConfigError
 from clipbatch.io.storage import get_fs
 from clipbatch.synthetic import write_webdataset
-from flows.runners import parse_task_runner
 from tests.conftest import free_port, upload_dir
 from tests.helpers import read_table, tiny_s3_config
 
@@ -124,9 +124,9 @@ class Cluster:
 
 def load_counts(cluster: Cluster) -> dict[str, int]:
     def count(dask_worker: Any) -> int:
-        import clipbatch.pipeline.process
+        import clipbatch.process
 
-        return clipbatch.pipeline.process.process_context().model_loads
+        return clipbatch.process.process_context().model_loads
 
     return cluster.on_workers(count)
 
@@ -179,7 +179,7 @@ def local_reference(
     prefect_harness: None, s3_source: tuple[str, str], s3_endpoint: str
 ) -> dict[str, tuple[bytes, bytes]]:
     """The same dataset embedded by the default in-process thread runner."""
-    from flows.embed import embed_dataset
+    from clipbatch_flows.embed import embed_dataset
 
     source, bucket = s3_source
     dest = f"s3://{bucket}/emb/local"
@@ -203,9 +203,10 @@ def test_parse_task_runner() -> None:
 
 
 def test_gpu_claims_need_a_cluster() -> None:
+    from clipbatch_flows.runners import shard_submitter
+    from clipbatch_tasks.encode import encode_shards
+
     from clipbatch.config import RuntimeConfig
-    from flows.runners import shard_submitter
-    from tasks.encode import encode_shards
 
     with (
         pytest.raises(ConfigError, match="Dask or Ray"),
@@ -217,7 +218,7 @@ def test_gpu_claims_need_a_cluster() -> None:
 def test_cli_flags_select_the_runner() -> None:
     import argparse
 
-    from flows.cli.run import add_arguments, config_from_args
+    from clipbatch_flows.cli.run import add_arguments, config_from_args
 
     p = argparse.ArgumentParser()
     add_arguments(p)
@@ -237,7 +238,7 @@ def test_dask_run_equals_local_run_on_gpu_workers_only(
     s3_endpoint: str,
     local_reference: dict[str, tuple[bytes, bytes]],
 ) -> None:
-    from flows.embed import embed_dataset
+    from clipbatch_flows.embed import embed_dataset
 
     source, bucket = s3_source
     dest = f"s3://{bucket}/emb/dask"
@@ -269,11 +270,11 @@ def test_dask_run_equals_local_run_on_gpu_workers_only(
 
 
 def _running_shard(dask_worker: Any) -> tuple[str | None, int]:
-    import clipbatch.pipeline.process
+    import clipbatch.process
 
     return (
         dask_worker.plugins[PLUGIN].running,
-        clipbatch.pipeline.process.process_context().model_loads,
+        clipbatch.process.process_context().model_loads,
     )
 
 
@@ -308,7 +309,7 @@ def test_sigkill_of_a_gpu_worker_mid_run_gives_exact_output(
     replacement, by design), the re-run of the same Prefect task run commits the shard,
     and the table equals the local run's byte for byte with every key exactly once.
     """
-    from flows.embed import embed_dataset
+    from clipbatch_flows.embed import embed_dataset
 
     source, bucket = s3_source
     dest = f"s3://{bucket}/emb/killed"

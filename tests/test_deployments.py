@@ -350,7 +350,7 @@ def test_embed_runs_trigger_the_index_build(stack: Stack, tmp_path: Path, s3_buc
                         "--params", json.dumps(TINY))  # fmt: skip
         stack.wait(_run_id(out))
         runs = _index_runs(stack, root, count=i + 1)
-        assert {r["state_type"] for r in runs} == {"COMPLETED"}, runs
+        assert {r["state_type"] for r in runs} == {"COMPLETED"}, (runs, stack.worker_log())
         latest = runs[-1]
         assert latest["work_queue_name"] == "control"
         build = _knn_build(stack.s3, s3_bucket, "knn/emb")

@@ -11,7 +11,7 @@ import pytest
 
 from clipbatch.io.storage import get_fs
 from clipbatch.models.loading import load_model
-from clipbatch.sink.commits import listed_versions, load_index
+from clipbatch.sink.commits.index import listed_versions, load_index
 from clipbatch.sink.schema import METADATA_KEY
 from clipbatch.sink.writer import read_file_metadata
 from clipbatch.synthetic import write_webdataset
@@ -30,7 +30,7 @@ def s3_dataset(tmp_path, s3_bucket, s3_endpoint):
 
 
 def test_flow_embeds_webdataset_from_s3(prefect_harness, s3_dataset, s3_bucket, s3_endpoint):
-    from flows.embed import embed_dataset
+    from clipbatch_flows.embed import embed_dataset
 
     source, tars = s3_dataset
     dest = f"s3://{s3_bucket}/emb/tiny"

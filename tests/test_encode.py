@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from clipbatch.config import ModelConfig
-from clipbatch.encode.encoder import ClipEncoder, encode_text_trimmed
+from clipbatch.encode.encoder import ClipEncoder
 from clipbatch.models.loading import load_model
+from clipbatch.models.openai import encode_text_trimmed
 from clipbatch.preprocess.decode import DecodeOptions, decode_to_pixels
 from clipbatch.synthetic import jpeg_bytes, random_spec, render
 

@@ -30,13 +30,9 @@ from clipbatch.encode.encoder import ClipEncoder
 from clipbatch.faults import OOM_ENV
 from clipbatch.io.storage import get_fs
 from clipbatch.models.loading import load_model
-from clipbatch.sink.commits import (
-    CommitRecord,
-    IndexWriter,
-    all_records,
-    listed_versions,
-    load_index,
-)
+from clipbatch.sink.commits.index import all_records, listed_versions, load_index
+from clipbatch.sink.commits.segments import CommitRecord
+from clipbatch.sink.commits.writer import IndexWriter
 from clipbatch.sink.schema import decode_metadata
 from clipbatch.synthetic import write_webdataset
 from tests.conftest import free_port, upload_dir
@@ -74,7 +70,7 @@ def source(tmp_path_factory, bucket: str, s3_endpoint: str) -> str:
 @pytest.fixture(scope="module")
 def reference(prefect_harness, source: str, bucket: str, s3_endpoint: str) -> pa.Table:
     """The fault-free run's table, sorted by key."""
-    from flows.embed import embed_dataset
+    from clipbatch_flows.embed import embed_dataset
 
     dest = f"s3://{bucket}/reference"
     summary = embed_dataset(make_config(source, dest, s3_endpoint))
@@ -134,7 +130,7 @@ def assert_exact(dest: str, endpoint: str, reference: pa.Table) -> None:
 def test_transient_read_and_write_faults_give_exact_output(
     prefect_harness, source, bucket, s3_endpoint, reference, proxy
 ):
-    from flows.embed import embed_dataset
+    from clipbatch_flows.embed import embed_dataset
 
     dest = f"s3://{bucket}/transient"
     # Reads of the tar shards: throttled, reset, cut off mid-body, slow.
@@ -180,9 +176,8 @@ def test_storage_server_stopped_mid_run_then_rerun_is_exact(
     prefect_harness, source, bucket, s3_endpoint, reference
 ):
     """A second moto server (same in-process store) is stopped under a worker, restarted."""
+    from clipbatch_flows.embed import embed_dataset
     from moto.server import ThreadedMotoServer
-
-    from flows.embed import embed_dataset
 
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
@@ -237,7 +232,7 @@ CRASH_CASES = {
 def test_worker_sigkilled_at_each_commit_point_then_rerun_is_exact(
     prefect_harness, source, bucket, s3_endpoint, reference, tmp_path
 ):
-    from flows.embed import embed_dataset
+    from clipbatch_flows.embed import embed_dataset
 
     workers = {}
     for point in CRASH_CASES:
@@ -283,10 +278,10 @@ def test_failed_flow_run_retried_with_prefect_cli_finishes_the_rest_only(
     prefect_harness, source, bucket, s3_endpoint, reference, proxy
 ):
     """Reads of one shard keep failing: the run fails; `prefect flow-run retry` finishes it."""
+    from clipbatch_flows.embed import embed_dataset
     from prefect.settings import PREFECT_API_URL
 
     from clipbatch.pipeline.summary import RunFailedError
-    from flows.embed import embed_dataset
 
     dest = f"s3://{bucket}/flow-retry"
     cfg = make_config(source, dest, proxy.url, NO_BOTO_RETRIES)
@@ -340,9 +335,9 @@ def test_concurrent_index_writers_and_compactions_lose_nothing(
     at the end with a tiny segment limit, so compactions overlap each other and new
     segments: every record survives. (The old single _manifest.json needed conditional
     PUTs or flock for this; segments are immutable, so there is nothing to race on.)"""
-    import clipbatch.sink.commits as commits
+    import clipbatch.sink.commits.compact as compaction
 
-    monkeypatch.setattr(commits, "MAX_SEGMENTS", 2)
+    monkeypatch.setattr(compaction, "MAX_SEGMENTS", 2)
     url = f"s3://{bucket}/index-race" if store == "s3" else str(tmp_path / "race")
     sink = build_config(
         {"source": "x", "sink": {"url": url, "storage": {"endpoint_url": s3_endpoint}}}

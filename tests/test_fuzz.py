@@ -20,7 +20,7 @@ from clipbatch import records
 from clipbatch.config import SourceConfig
 from clipbatch.preprocess.decode import DecodeOptions, prepare
 from clipbatch.records import RawSample
-from clipbatch.sources import get_reader
+from clipbatch.sources.registry import get_reader
 from clipbatch.sources.text import caption_from_value, decode_caption
 from tests.corpus import encode, picture
 

@@ -42,8 +42,9 @@ def column_digest(column: pa.ChunkedArray) -> str:
 
 
 def test_a_small_run_writes_exactly_what_it_wrote_before(prefect_harness, s3_endpoint):
+    from clipbatch_flows.embed import embed_dataset
+
     from clipbatch.sink.writer import read_file_metadata
-    from flows.embed import embed_dataset
 
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):

@@ -19,19 +19,21 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from clipbatch_flows.cli.main import main as cli
 
 from clipbatch.config import StorageOptions, build_config
 from clipbatch.io.storage import get_fs
-from clipbatch.knn.build import IndexSettings, NoVectorsError, build_index, build_indexes
+from clipbatch.knn.build import NoVectorsError, build_index, build_indexes
+from clipbatch.knn.policy import IndexSettings
 from clipbatch.knn.search import index_staleness, open_index
 from clipbatch.knn.store import KNN_DIR, list_indexes, read_current
-from clipbatch.knn.tables import partition_root
 from clipbatch.pipeline.worker import run_plan
 from clipbatch.plan.planner import plan_shards
 from clipbatch.query.search import search_root
-from clipbatch.query.table import embedding_matrix, normalize_rows, open_tables
 from clipbatch.synthetic import write_webdataset
-from flows.cli.main import main as cli
+from clipbatch.tables.snapshot import partition_root
+from clipbatch.tables.table import open_tables
+from clipbatch.tables.vectors import embedding_matrix, normalize_rows
 from tests.conftest import upload_dir
 from tests.corpus import write_webdataset_corpus
 from tests.faultproxy import FaultProxy
@@ -216,7 +218,15 @@ def test_a_crash_mid_build_leaves_no_visible_index(tmp_path: Path) -> None:
         env.pop("CLIPBATCH_CRASH_AT", None)
         if crash:
             env["CLIPBATCH_CRASH_AT"] = crash
-        cmd = [sys.executable, "-m", "flows.cli.main", "index", str(root), "--name", "image"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "clipbatch_flows.cli.main",
+            "index",
+            str(root),
+            "--name",
+            "image",
+        ]
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
 
     # The first build dies with its index file staged: no index is visible.
@@ -393,10 +403,10 @@ def _via(proxy: FaultProxy) -> StorageOptions:
 def test_embed_runs_announce_their_root_and_the_flow_builds_under_its_limit(
     prefect_harness, tmp_path: Path
 ) -> None:
+    from clipbatch_flows.embed import embed_dataset
+    from clipbatch_flows.knn import build_index_flow, root_limit_name
     from prefect import get_client
 
-    from flows.embed import embed_dataset
-    from flows.knn import build_index_flow, root_limit_name
     from tests import prefect_readback
 
     src = tmp_path / "src"
@@ -498,7 +508,7 @@ def test_dedup_writes_every_near_duplicate_pair_once(tmp_path: Path, factory: li
 
 
 def test_a_new_model_rebuilds_the_index_and_mixed_models_are_refused(tmp_path: Path) -> None:
-    from clipbatch.knn.build import ModelChangedError
+    from clipbatch.knn.vectors import ModelChangedError
     from tests import model_fixtures as mf
 
     root = tmp_path / "emb"

@@ -14,15 +14,15 @@ import tarfile
 
 import boto3
 import pytest
+from clipbatch_flows.cli.main import main as cli
 
 from clipbatch.config import StorageOptions, build_config
 from clipbatch.lineage.record import RunRecordWriter, read_run_record
-from clipbatch.models.loading import ResolvedCheckpoint
+from clipbatch.models.base import ResolvedCheckpoint
 from clipbatch.plan.planner import RunPlan
 from clipbatch.records import ShardResult, ShardSpec
 from clipbatch.sink.writer import read_file_metadata
 from clipbatch.synthetic import write_webdataset
-from flows.cli.main import main as cli
 from tests import prefect_readback
 from tests.conftest import upload_dir
 from tests.helpers import read_table, tiny_s3_config
@@ -39,7 +39,7 @@ def _tar_member(s3, bucket: str, key: str, member: str) -> bytes:
 def test_rows_trace_to_source_versions_and_stale_sources_are_redone(
     prefect_harness, tmp_path, s3_bucket, s3_endpoint, capsys
 ):
-    from flows.embed import embed_dataset
+    from clipbatch_flows.embed import embed_dataset
 
     write_webdataset(tmp_path / "laion", shards=3, per_shard=5, seed=11, size=64)
     source = upload_dir(tmp_path / "laion", s3_bucket, "laion", s3_endpoint)
@@ -193,9 +193,8 @@ def test_record_is_valid_json_mid_run_and_says_how_far(tmp_path):
 
 def test_progress_artifact_advances_as_shards_finish(prefect_harness, tmp_path):
     """The reporter's progress artifact moves with each finished shard, not only at the end."""
+    from clipbatch_flows.reporting import PrefectReporter
     from prefect import flow, get_client
-
-    from flows.reporting import PrefectReporter
 
     config = build_config({"source": str(tmp_path / "src"), "dest": str(tmp_path / "out")})
     shards = [

@@ -94,7 +94,7 @@ def test_flow_with_every_family_equals_its_reference(
     s3_bucket: str,
     s3_endpoint: str,
 ) -> None:
-    from flows.embed import embed_dataset
+    from clipbatch_flows.embed import embed_dataset
 
     folder = model_dirs[family]
     location = str(folder)
@@ -149,8 +149,8 @@ def test_flow_with_every_family_equals_its_reference(
     # search and inspect work from the table alone, with the model its metadata names.
     from clipbatch.config import StorageOptions
     from clipbatch.query.search import TextQueryEncoder, search
-    from clipbatch.query.table import open_table
     from clipbatch.query.validate import validate
+    from clipbatch.tables.table import open_table
 
     storage_options = StorageOptions(endpoint_url=s3_endpoint)
     output = open_table(dest, storage_options)

@@ -19,7 +19,7 @@ from clipbatch.pipeline.devices import (
     device_pool,
     resolve_devices,
 )
-from clipbatch.pipeline.process import process_context
+from clipbatch.process import process_context
 from clipbatch.synthetic import write_webdataset
 from tests.multigpu_targets import die_on, report
 
@@ -85,7 +85,7 @@ def test_device_names_are_checked() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_flow_spreads_shards_over_device_workers(tmp_path: Path, prefect_harness: None) -> None:
-    from flows.embed import embed_dataset
+    from clipbatch_flows.embed import embed_dataset
 
     src = tmp_path / "src"
     write_webdataset(src, shards=4, per_shard=6, seed=3, size=64)

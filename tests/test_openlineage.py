@@ -13,8 +13,10 @@ import pytest
 from prefect import flow
 
 from clipbatch.config import build_config
-from clipbatch.lineage.openlineage import Emitter, ShardLineage, transport_configured
+from clipbatch.lineage.openlineage.client import Emitter
+from clipbatch.lineage.openlineage.shard import ShardLineage
 from clipbatch.lineage.record import read_run_record
+from clipbatch.lineage.transport import transport_configured
 from clipbatch.records import ShardSpec
 from clipbatch.synthetic import write_webdataset
 from tests.conftest import upload_dir
@@ -37,7 +39,7 @@ def ol_collector() -> Iterator[Collector]:
 
 @flow(name="backfill-parent")
 def backfill_parent(config) -> dict:
-    from flows.embed import embed_dataset
+    from clipbatch_flows.embed import embed_dataset
 
     return embed_dataset(config)
 
@@ -123,7 +125,7 @@ def _bad_tar(path) -> None:
 def test_failed_shard_sends_fail_and_the_record_says_how_far(
     prefect_harness, ol_collector, tmp_path
 ):
-    from flows.embed import embed_dataset
+    from clipbatch_flows.embed import embed_dataset
 
     src = tmp_path / "src"
     write_webdataset(src, shards=1, per_shard=4, seed=1, size=64)

@@ -5,19 +5,19 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from pydantic import ValidationError
-
-from clipbatch.config import build_config
-from clipbatch.errors import ConfigError
-from flows.backfill import BackfillConfig, child_parameters, idempotency_key
-from flows.params import resolve_config
-from flows.partitions import (
+from clipbatch_flows.backfill import BackfillConfig, child_parameters, idempotency_key
+from clipbatch_flows.params import resolve_config
+from clipbatch_flows.partitions import (
     date_range,
     fill,
     partition_for,
     partition_values,
     scheduled_start_time,
 )
+from pydantic import ValidationError
+
+from clipbatch.config import build_config
+from clipbatch.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(60)
 

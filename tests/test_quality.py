@@ -21,11 +21,11 @@ import pytest
 import torch
 
 from clipbatch.config import ModelConfig, StorageOptions, build_config
-from clipbatch.encode.encoder import CLIP_MEAN, CLIP_STD
-from clipbatch.models.loading import TINY_ARCH, TINY_CHECKPOINT, load_model
+from clipbatch.models.loading import load_model
+from clipbatch.models.openai import TINY_ARCH, TINY_CHECKPOINT
 from clipbatch.preprocess.decode import DecodeOptions, decode_to_pixels
+from clipbatch.preprocess.resize import CLIP_MEAN, CLIP_STD
 from clipbatch.query.search import TextQueryEncoder
-from clipbatch.query.table import embedding_matrix, normalize_rows, open_table
 from clipbatch.synthetic import (
     COLOURS,
     SHAPES,
@@ -34,6 +34,8 @@ from clipbatch.synthetic import (
     shape_prompt,
     write_webdataset,
 )
+from clipbatch.tables.table import open_table
+from clipbatch.tables.vectors import embedding_matrix, normalize_rows
 from clipbatch.training.metrics import recall_at_1, zero_shot_accuracy
 from tests.conftest import upload_dir
 from tests.helpers import tar_samples
@@ -112,7 +114,7 @@ class Heldout:
 
 
 def run_flow(source: str, dest: str, endpoint: str, model: str) -> dict:
-    from flows.embed import embed_dataset
+    from clipbatch_flows.embed import embed_dataset
 
     storage = {"endpoint_url": endpoint}
     config = build_config(

@@ -54,7 +54,7 @@ def test_ray_run_equals_local_run(
     s3_endpoint: str,
     local_reference: dict[str, tuple[bytes, bytes]],
 ) -> None:
-    from flows.embed import embed_dataset
+    from clipbatch_flows.embed import embed_dataset
 
     source, bucket = s3_source
     dest = f"s3://{bucket}/emb/ray"

@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from clipbatch.config import EmbedConfig, build_config
-from clipbatch.models.loading import TINY_ARCH
+from clipbatch.models.openai import TINY_ARCH
 from clipbatch.plan.planner import plan_shards
-from clipbatch.sink.commits import all_records, commits_uri
+from clipbatch.sink.commits.index import all_records
+from clipbatch.sink.commits.segments import commits_uri
 from clipbatch.sink.layout import LOCAL_PREFIX, TMP_DIR, staging_id
 from clipbatch.sink.staging import STALE_AFTER_SECONDS, clean_local_temp, clean_staging
 from clipbatch.synthetic import write_webdataset
@@ -43,7 +44,7 @@ def config(src: Path, dest: Path, **overrides) -> EmbedConfig:
 @pytest.fixture(scope="module")
 def done(prefect_harness, tmp_path_factory) -> tuple[Path, Path]:
     """A source with a sidecar on shard 00000, embedded once by the flow."""
-    from flows.embed import embed_dataset
+    from clipbatch_flows.embed import embed_dataset
 
     root = tmp_path_factory.mktemp("resume")
     src, dest = root / "src", root / "out"
@@ -66,7 +67,7 @@ def todo(cfg: EmbedConfig) -> list[str]:
 
 
 def test_rerun_skips_every_shard_and_reports_it(prefect_harness, done):
-    from flows.embed import embed_dataset
+    from clipbatch_flows.embed import embed_dataset
 
     src, dest = done
     mtimes = {p.name: p.stat().st_mtime_ns for p in dest.glob("*.parquet")}

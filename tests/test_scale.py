@@ -21,14 +21,10 @@ import boto3
 import pytest
 
 from clipbatch.config import build_config
-from clipbatch.sink.commits import (
-    COMMITS_DIR,
-    LEGACY_MANIFEST,
-    all_records,
-    listed_versions,
-    load_index,
-)
+from clipbatch.sink.commits.index import all_records, listed_versions, load_index
+from clipbatch.sink.commits.segments import COMMITS_DIR
 from clipbatch.synthetic import write_webdataset
+from clipbatch.upgrade.manifest_v1 import LEGACY_MANIFEST
 from tests.faultproxy import Exchange, FaultProxy
 from tests.helpers import tiny_s3_config
 
@@ -108,7 +104,7 @@ def source_url(bucket: str, n: int, form: str) -> str:
 
 
 def counted_run(config_for, proxy: FaultProxy) -> tuple[dict, list[Exchange]]:
-    from flows.embed import embed_dataset
+    from clipbatch_flows.embed import embed_dataset
 
     proxy.exchanges.clear()
     summary = embed_dataset(config_for(proxy.url))
@@ -212,8 +208,8 @@ def test_a_table_written_before_the_commit_index_is_skipped_then_migrated(
     """The fixture was written by the previous release (tests/data/upgrade-v1): shard files,
     a `_manifest.json` and formula-1 fingerprints. Nothing is re-encoded after an upgrade;
     the first run folds the manifest into the commit index, and the table stays valid."""
-    from flows.cli.main import main as cli
-    from flows.embed import embed_dataset
+    from clipbatch_flows.cli.main import main as cli
+    from clipbatch_flows.embed import embed_dataset
 
     name = "clipbatch-upgrade"  # the fingerprints hash s3://clipbatch-upgrade/v1/src/...
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
@@ -286,8 +282,9 @@ def test_fetch_settings_and_the_kind_do_not_force_a_re_encode(tmp_path: Path) ->
 
 
 def test_shard_groups_keep_the_task_runs_of_a_huge_dataset_bounded() -> None:
+    from clipbatch_flows.embed import MAX_TASK_RUNS, shard_groups
+
     from clipbatch.records import ShardSpec
-    from flows.embed import MAX_TASK_RUNS, shard_groups
 
     shards = [
         ShardSpec(f"s3://b/{i:06d}.tar", f"{i:06d}", "webdataset", "v") for i in range(230_000)
@@ -329,9 +326,10 @@ def test_slices_split_a_dataset_between_runs_that_share_one_table(
     prefect_harness, tmp_path: Path
 ) -> None:
     """The backfill's `slices` shape: N child runs, disjoint blocks of shards, one table."""
+    from clipbatch_flows.backfill import BackfillConfig, child_label, child_parameters
+    from clipbatch_flows.embed import embed_dataset
+
     from clipbatch.plan.planner import ShardSlice
-    from flows.backfill import BackfillConfig, child_label, child_parameters
-    from flows.embed import embed_dataset
 
     spec = BackfillConfig(
         source_template="s3://raw/laion/", dest_template="s3://emb/laion/", slices=3

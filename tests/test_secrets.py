@@ -127,8 +127,7 @@ def test_no_secret_anywhere_a_run_writes(
     prefect_harness, tmp_path, s3_bucket, s3_endpoint, monkeypatch, captured_logs
 ):
     import s3fs
-
-    from flows.embed import embed_dataset
+    from clipbatch_flows.embed import embed_dataset
 
     env_key_id, env_secret = aws_key_pair()
     profile_key_id, profile_secret = aws_key_pair()

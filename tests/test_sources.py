@@ -14,9 +14,9 @@ import pytest
 
 from clipbatch.config import SourceConfig
 from clipbatch.errors import ConfigError
-from clipbatch.pipeline.skiplog import SkipLogger
-from clipbatch.sources import get_reader
+from clipbatch.skiplog import SkipLogger
 from clipbatch.sources.detect import detect_kind
+from clipbatch.sources.registry import get_reader
 from tests.corpus import encode, picture
 
 pytestmark = pytest.mark.timeout(60)

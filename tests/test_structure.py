@@ -28,8 +28,8 @@ import pytest
 from clipbatch.config import StorageOptions, build_config
 from clipbatch.errors import ConfigError, TransientIOError
 from clipbatch.io.retry import RetryingReader, RetryPolicy, with_retries
-from clipbatch.pipeline.window import completed, ordered, prefetch
 from clipbatch.sources.listing import expand_braces
+from clipbatch.window import completed, ordered, prefetch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,7 +52,7 @@ def test_importing_the_library_has_no_side_effects_and_no_prefect() -> None:
         "    importlib.import_module(m.name)\n"
         "print(json.dumps({'omp': os.environ.get('OMP_WAIT_POLICY'),\n"
         "    'pil': Image.MAX_IMAGE_PIXELS == limit,\n"
-        "    'prefect': sorted(m for m in sys.modules if m == 'prefect' or m.startswith('flows'))}))"
+        "    'prefect': sorted(m for m in sys.modules if m == 'prefect' or m.startswith('clipbatch_flows'))}))"
     )
     assert state == {"omp": None, "pil": True, "prefect": []}
 
@@ -60,7 +60,7 @@ def test_importing_the_library_has_no_side_effects_and_no_prefect() -> None:
 def test_work_entry_points_apply_the_process_settings() -> None:
     state = run_python(
         "import json, os, sys\n"
-        "import tasks  # a Dask or Ray worker imports the task package before torch\n"
+        "import clipbatch_tasks  # a Dask or Ray worker imports the task package before torch\n"
         "print(json.dumps({'omp': os.environ.get('OMP_WAIT_POLICY'),\n"
         "                  'torch_first': 'torch' in sys.modules}))"
     )
@@ -161,9 +161,9 @@ def test_completed_never_has_more_than_size_in_flight() -> None:
 
 
 def test_botocore_and_s3fs_make_one_attempt_each() -> None:
-    from clipbatch.io.storage import get_fs
+    from clipbatch.io.storage import fsspec_kwargs, get_fs
 
-    kwargs = StorageOptions(endpoint_url="http://127.0.0.1:9").fsspec_kwargs("s3")
+    kwargs = fsspec_kwargs(StorageOptions(endpoint_url="http://127.0.0.1:9"), "s3")
     assert kwargs["config_kwargs"]["retries"] == {"max_attempts": 1, "mode": "standard"}
     fs, _ = get_fs("s3://bucket/x", StorageOptions(endpoint_url="http://127.0.0.1:9"))
     assert fs.retries == 1
@@ -223,9 +223,9 @@ def test_one_worker_per_setup_keeps_its_model_tokenizer_and_learned_batch_size(
     tmp_path: Path, monkeypatch, caplog
 ) -> None:
     from clipbatch.faults import OOM_ENV
-    from clipbatch.pipeline.process import process_context
     from clipbatch.pipeline.worker import run_plan, worker_for
     from clipbatch.plan.planner import plan_shards
+    from clipbatch.process import process_context
     from clipbatch.synthetic import write_webdataset
 
     write_webdataset(tmp_path / "src", shards=3, per_shard=6, seed=2, size=32)

@@ -27,12 +27,12 @@ import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from clipbatch_flows.cli.main import main as cli
 
 from clipbatch.config import build_config
 from clipbatch.errors import ConfigError
 from clipbatch.sources.netguard import AddressPolicy
 from clipbatch.synthetic import jpeg_bytes, random_spec, render, write_webdataset
-from flows.cli.main import main as cli
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -55,7 +55,7 @@ def tiny_local(source: dict | str, dest: Path, **runtime: object):
 def test_pyarrow_schema_apis_see_the_lineage_and_the_footer_the_counts(
     prefect_harness, tmp_path: Path
 ) -> None:
-    from flows.embed import embed_dataset
+    from clipbatch_flows.embed import embed_dataset
 
     write_webdataset(tmp_path / "src", shards=1, per_shard=3, seed=2, size=32)
     embed_dataset(tiny_local(str(tmp_path / "src"), tmp_path / "out"))
@@ -148,11 +148,11 @@ def _secret() -> str:
 def test_credentials_from_prefect_blocks_on_threads_and_device_workers(
     prefect_harness, s3_endpoint: str, s3_bucket: str, tmp_path: Path, no_aws_credentials
 ) -> None:
+    from clipbatch_flows.embed import embed_dataset
     from prefect_aws import AwsCredentials, MinIOCredentials
     from prefect_aws.client_parameters import AwsClientParameters
 
     from clipbatch.io import credentials
-    from flows.embed import embed_dataset
     from tests import prefect_readback
 
     # Data is put in place with moto's test keys, given explicitly; the runs get none.
@@ -263,7 +263,7 @@ def test_pip_keeps_a_current_s3fs_beside_prefect_aws() -> None:
 
 
 def test_flow_runs_find_their_code_without_clipbatch_home(tmp_path: Path, monkeypatch) -> None:
-    from flows.deploy_steps import CodeDirectoryError, enter_code_directory
+    from clipbatch_flows.deploy_steps import CodeDirectoryError, enter_code_directory
 
     repo = Path(__file__).resolve().parent.parent
     monkeypatch.chdir(tmp_path)  # a worker starts flow runs in a temporary folder
@@ -382,7 +382,7 @@ def test_url_tables_reach_loopback_only_when_allowed_on_every_hop(
     the option does not name (127.0.0.1 allowed, the hop to ::1 not)."""
     import random
 
-    from flows.embed import embed_dataset
+    from clipbatch_flows.embed import embed_dataset
 
     rng = random.Random(3)
     handler = type("Handler", (_Images,), {"image": jpeg_bytes(render(random_spec(rng), 32, rng))})

@@ -9,25 +9,23 @@ from __future__ import annotations
 import argparse
 import sys
 
-from clipbatch.config import StorageOptions
+from clipbatch.cli.common import add_storage_arguments, storage_options
+from clipbatch.knn.names import INDEX_COLUMNS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("root", help="the table or partition root with a kNN index")
     p.add_argument("--threshold", type=float, default=0.95, help="minimum cosine (default 0.95)")
-    p.add_argument("--name", choices=["image", "text"], default="image", help="which index")
+    p.add_argument("--name", choices=list(INDEX_COLUMNS), default="image", help="which index")
     p.add_argument("--out", help="where to write the pairs (default under ROOT/_knn/NAME/)")
-    p.add_argument(
-        "--endpoint-url",
-        help="S3-compatible endpoint (default: the environment, e.g. AWS_ENDPOINT_URL)",
-    )
+    add_storage_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from clipbatch.knn.dedup import near_duplicates
     from clipbatch.knn.search import index_staleness
 
-    storage = StorageOptions(endpoint_url=args.endpoint_url)
+    storage = storage_options(args)
     stale = index_staleness(args.root, args.name, storage)
     if stale is not None and stale.stale:
         print(

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from clipbatch.config import StorageOptions
+from clipbatch.cli.common import add_storage_arguments, storage_options
+from clipbatch.knn.names import INDEX_COLUMNS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--name",
         action="append",
-        choices=["image", "text"],
+        choices=list(INDEX_COLUMNS),
         help="which vectors to index (repeatable; default both, text when the rows have it)",
     )
     p.add_argument(
@@ -30,17 +31,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--rebuild", action="store_true", help="build from scratch, not an incremental update"
     )
-    p.add_argument(
-        "--endpoint-url",
-        help="S3-compatible endpoint (default: the environment, e.g. AWS_ENDPOINT_URL)",
-    )
+    add_storage_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from clipbatch.knn.build import IndexSettings, build_indexes
+    from clipbatch.knn.build import build_indexes
+    from clipbatch.knn.policy import IndexSettings
 
     settings = IndexSettings(factory=args.factory, nprobe=args.nprobe, rebuild=args.rebuild)
-    storage = StorageOptions(endpoint_url=args.endpoint_url)
+    storage = storage_options(args)
     for report in build_indexes(args.root, args.name, settings, storage):
         where = f"{args.root.rstrip('/')}/_knn/{report.name}"
         if report.mode == "skipped":

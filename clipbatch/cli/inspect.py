@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from clipbatch.cli.common import add_storage_arguments, storage_options
 from clipbatch.config import StorageOptions
 
 if TYPE_CHECKING:
@@ -24,17 +25,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fail-stale", action="store_true", help=f"exit {STALE_INDEX} if a kNN index is stale"
     )
-    p.add_argument(
-        "--endpoint-url",
-        help="S3-compatible endpoint (default: the environment, e.g. AWS_ENDPOINT_URL)",
-    )
+    add_storage_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from clipbatch.query.table import open_tables
     from clipbatch.query.validate import validate
+    from clipbatch.tables.table import open_tables
 
-    storage = StorageOptions(endpoint_url=args.endpoint_url)
+    storage = storage_options(args)
     tables = open_tables(args.dest, storage)
     problems = 0
     for table in tables:
@@ -75,7 +73,7 @@ def _print_indexes(root: str, storage: StorageOptions) -> bool:
     """One line per kNN index under ``root``; True if any is stale."""
     from clipbatch.knn.search import staleness
     from clipbatch.knn.store import list_indexes, read_current
-    from clipbatch.knn.tables import snapshot
+    from clipbatch.tables.snapshot import snapshot
 
     names = list_indexes(root, storage)
     if not names:

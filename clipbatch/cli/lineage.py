@@ -10,21 +10,21 @@ import argparse
 import json
 from typing import Any
 
-from clipbatch.config import StorageOptions
+from clipbatch.cli.common import add_storage_arguments, storage_options
 from clipbatch.errors import SourceError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dest", help="the embedding table's URL (what `clipbatch run --dest` wrote)")
     p.add_argument("--key", help="trace a single row by its key")
-    p.add_argument("--endpoint-url", help="S3-compatible endpoint for the table and the sources")
+    add_storage_arguments(p, "the table and the sources")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
 def run(args: argparse.Namespace) -> int:
     from clipbatch.lineage.inspect import file_lineage, find_row, table_files
 
-    storage = StorageOptions(endpoint_url=args.endpoint_url)
+    storage = storage_options(args)
     files = table_files(args.dest, storage)
     row: dict[str, Any] | None = None
     if args.key is not None:

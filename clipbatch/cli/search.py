@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from clipbatch.config import StorageOptions
+from clipbatch.cli.common import add_storage_arguments, storage_options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,16 +24,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--brute-force", action="store_true", help="read every row even when a kNN index exists"
     )
     p.add_argument("--nprobe", type=int, help="IVF lists searched per query (default: the index's)")
-    p.add_argument(
-        "--endpoint-url",
-        help="S3-compatible endpoint (default: the environment, e.g. AWS_ENDPOINT_URL)",
-    )
+    add_storage_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from clipbatch.query.search import search_root
 
-    storage = StorageOptions(endpoint_url=args.endpoint_url)
+    storage = storage_options(args)
     hits, method = search_root(
         args.table,
         args.query,

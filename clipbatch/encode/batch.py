@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from clipbatch.encode.encoder import ClipEncoder, is_oom, l2_normalize
-from clipbatch.pipeline.skiplog import SkipLogger
 from clipbatch.preprocess.batches import DecodedBatch, has_text
-from clipbatch.records import ENCODE_ERROR, OK
-from clipbatch.sink.rows import RowBlock
+from clipbatch.records import ENCODE_ERROR, OK, RowBlock
+from clipbatch.skiplog import SkipLogger
 
 
 def encode_batch(

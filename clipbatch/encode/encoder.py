@@ -23,23 +23,10 @@ import numpy as np
 import torch
 
 from clipbatch.faults import before_forward
-from clipbatch.models.base import TokenBatch, Tokens, repeat_rows
+from clipbatch.models.base import Tokens, repeat_rows
 from clipbatch.models.loading import LoadedModel
-from clipbatch.models.openai import encode_text_trimmed
-from clipbatch.preprocess.resize import CLIP_MEAN, CLIP_STD
 
 log = logging.getLogger(__name__)
-
-__all__ = [
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "ClipEncoder",
-    "TokenBatch",
-    "encode_text_trimmed",
-    "is_oom",
-    "l2_normalize",
-    "probe_batch_size",
-]
 
 
 AUTO_START = 256  # a batch every supported GPU fits with ViT-B/32 and ViT-L/14

@@ -1,10 +1,10 @@
 """Object-store credentials handed to the library in memory (from a Prefect block).
 
 Prefect stores parameters in plain text, so a config only *names* a credentials block
-(``storage.credentials_block``). The Prefect layer (``flows/credentials.py``) loads the
+(``storage.credentials_block``). The Prefect layer (``tasks/credentials.py``) loads the
 block where the work runs: the flow process, each task's process (Dask and Ray workers
 included), and passes them on to per-device worker processes. It registers them here,
-and :meth:`clipbatch.config.StorageOptions.fsspec_kwargs` reads them. They never enter a
+and :func:`clipbatch.io.storage.fsspec_kwargs` reads them. They never enter a
 config, a parameter, a record, an event or a log line (their ``repr`` is masked).
 """
 

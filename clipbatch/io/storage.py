@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import uuid
 from typing import Any, TypeVar
 
@@ -20,12 +21,14 @@ from fsspec.core import url_to_fs
 from clipbatch.config import StorageOptions
 from clipbatch.errors import ConfigError
 from clipbatch.faults import crash_point
+from clipbatch.io.credentials import lookup
 from clipbatch.io.retry import with_retries
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 LOCAL_PROTOCOLS = {"file", "local"}
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def protocol_of(url: str) -> str:
@@ -38,13 +41,59 @@ def is_local(url: str) -> bool:
     return protocol_of(url) in LOCAL_PROTOCOLS
 
 
+def has_scheme(url: str) -> bool:
+    """``s3://b/k``, ``file:///x``, ``https://h/p``: a URL rather than a plain path."""
+    return bool(_SCHEME.match(url))
+
+
+def is_http_url(url: str) -> bool:
+    """An ``http://`` or ``https://`` URL (fetched over HTTP, through the network guard)."""
+    return protocol_of(url) in ("http", "https")
+
+
+def fsspec_kwargs(storage: StorageOptions, protocol: str) -> dict[str, Any]:
+    """Translate to the keyword arguments fsspec's filesystem for ``protocol`` takes."""
+    kwargs: dict[str, Any] = dict(storage.extra)
+    if protocol in ("s3", "s3a"):
+        # Listings decide what is done and what to skip; a cached listing from an
+        # earlier run in the same process would be stale.
+        kwargs.setdefault("use_listings_cache", False)
+        # One retry layer for storage calls: clipbatch's (clipbatch.io.retry). botocore
+        # makes one attempt (and s3fs too: clipbatch.io.storage.get_fs), so attempts
+        # never multiply.
+        config_kwargs = dict(kwargs.pop("config_kwargs", {}))
+        config_kwargs.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
+        kwargs["config_kwargs"] = config_kwargs
+        client_kwargs = dict(kwargs.pop("client_kwargs", {}))
+        if storage.endpoint_url:
+            kwargs["endpoint_url"] = storage.endpoint_url
+        if storage.region:
+            client_kwargs["region_name"] = storage.region
+        if storage.profile:
+            kwargs["profile"] = storage.profile
+        if storage.anon:
+            kwargs["anon"] = True
+        if storage.credentials_block:
+            creds = lookup(storage.credentials_block)
+            kwargs.update(creds.s3_kwargs())
+            if creds.endpoint_url and not storage.endpoint_url:
+                kwargs["endpoint_url"] = creds.endpoint_url
+            if creds.region and not storage.region:
+                client_kwargs["region_name"] = creds.region
+        if client_kwargs:
+            kwargs["client_kwargs"] = client_kwargs
+    elif storage.anon:
+        kwargs["anon"] = True
+    return kwargs
+
+
 def get_fs(
     url: str, storage: StorageOptions | None = None
 ) -> tuple[fsspec.AbstractFileSystem, str]:
     """Filesystem and path for ``url``; raises :class:`ConfigError` on unknown schemes."""
     storage = storage or StorageOptions()
     try:
-        fs, path = url_to_fs(url, **storage.fsspec_kwargs(protocol_of(url)))
+        fs, path = url_to_fs(url, **fsspec_kwargs(storage, protocol_of(url)))
     except (ImportError, ValueError) as e:
         raise ConfigError(f"cannot open {url!r}: {e}") from e
     if hasattr(fs, "retries") and protocol_of(url) in ("s3", "s3a"):

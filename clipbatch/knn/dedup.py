@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from clipbatch.config import StorageOptions
 from clipbatch.errors import ConfigError
 from clipbatch.io.storage import get_fs, join, write_bytes_atomic
-from clipbatch.knn.build import faiss_module, ivf_lists
+from clipbatch.knn.policy import faiss_module, ivf_lists
 from clipbatch.knn.search import KnnIndex, open_index
 
 log = logging.getLogger(__name__)

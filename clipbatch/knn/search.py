@@ -10,9 +10,9 @@ import pyarrow as pa
 
 from clipbatch.config import StorageOptions
 from clipbatch.io.storage import get_fs, join, read_parquet_columns
-from clipbatch.knn.build import faiss_module, ivf_lists
+from clipbatch.knn.policy import faiss_module, ivf_lists
 from clipbatch.knn.store import INDEX_FILE, StoredBuild, read_current
-from clipbatch.knn.tables import Snapshot, snapshot
+from clipbatch.tables.snapshot import Snapshot, snapshot
 
 
 @dataclass

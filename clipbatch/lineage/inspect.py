@@ -80,7 +80,7 @@ def folder_versions(
 ) -> dict[str, str]:
     """Shard name -> version now, for a folder source: its shards hash their members."""
     from clipbatch.config import SourceConfig
-    from clipbatch.sources import get_reader
+    from clipbatch.sources.registry import get_reader
 
     known = {k: v for k, v in source_options.items() if k in SourceConfig.model_fields}
     known.update(url=uri, kind="folder", storage=storage)

@@ -27,7 +27,6 @@ from typing import Any
 
 from clipbatch import __version__
 from clipbatch.config import EmbedConfig
-from clipbatch.io.retry import with_retries
 from clipbatch.io.storage import get_fs, join, read_bytes, write_bytes_atomic
 from clipbatch.lineage.redact import Redactor
 from clipbatch.pipeline.summary import RunSummary
@@ -270,13 +269,3 @@ def read_run_record(
             if isinstance(value, dict):
                 record[kind] = read_parts(dest, run_id, kind, int(value.get("parts") or 0), storage)
     return record
-
-
-def list_run_records(dest: str, storage: Any = None) -> list[str]:
-    """Run ids with a record under ``dest``, sorted."""
-    fs, path = get_fs(join(dest, LINEAGE_DIR), storage)
-    try:
-        entries = with_retries(lambda: fs.ls(path, detail=False), f"list {path}")
-    except FileNotFoundError:
-        return []
-    return sorted(e.rsplit("/", 1)[-1][: -len(".json")] for e in entries if e.endswith(".json"))

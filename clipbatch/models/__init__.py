@@ -6,11 +6,9 @@
 - :mod:`~clipbatch.models.openai`, :mod:`~clipbatch.models.openclip`,
   :mod:`~clipbatch.models.hf`: one module per family (resolve, load, backend).
 - :mod:`~clipbatch.models.files`: the cache, sha256s, fetching files and folders.
+- :mod:`~clipbatch.models.catalog`: :func:`list_models`, the names each family takes.
 
-Callers use :func:`clipbatch.models.loading.resolve_checkpoint` and :func:`clipbatch.models.loading.load_model`.
+Callers use :func:`clipbatch.models.loading.resolve_checkpoint` and
+:func:`clipbatch.models.loading.load_model`. Importing this package imports nothing else:
+the CLI parses model names without loading torch.
 """
-
-from clipbatch.models.base import ModelBackend, ResolvedCheckpoint, TokenBatch
-from clipbatch.models.names import ModelName, parse_model_name
-
-__all__ = ["ModelBackend", "ModelName", "ResolvedCheckpoint", "TokenBatch", "parse_model_name"]

@@ -37,7 +37,7 @@ from clipbatch.models.base import ModelBackend, ResolvedCheckpoint, TokenBatch, 
 from clipbatch.models.extras import install_hint, require
 from clipbatch.models.files import combined_sha256, config_sha256, local_folder
 from clipbatch.models.names import FOLDER, HUB, ModelName
-from clipbatch.preprocess.resize import ImagePreprocess
+from clipbatch.preprocess.resize import ImagePreprocess, channel_values
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +292,7 @@ def image_preprocess(ip: Any) -> ImagePreprocess:
     if getattr(ip, "do_rescale", True) and abs(float(ip.rescale_factor) - 1 / 255) > 1e-9:
         raise ConfigError(f"{name}: rescale_factor {ip.rescale_factor} is not 1/255")
     if getattr(ip, "do_normalize", True):
-        mean, std = _channels(ip.image_mean), _channels(ip.image_std)
+        mean, std = channel_values(ip.image_mean), channel_values(ip.image_std)
     else:
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     if not getattr(ip, "do_rescale", True):
@@ -337,10 +337,3 @@ def _get_hw(size: Any) -> tuple[int, int] | None:
     if height and width:
         return int(height), int(width)
     return None
-
-
-def _channels(value: Any) -> tuple[float, float, float]:
-    if isinstance(value, (int, float)):
-        return (float(value),) * 3  # type: ignore[return-value]
-    a, b, c = (float(v) for v in value)
-    return a, b, c

@@ -22,37 +22,12 @@ from clipbatch.config import ModelConfig
 from clipbatch.errors import ChecksumMismatchError, ConfigError
 from clipbatch.models import files
 from clipbatch.models.base import ModelBackend, ResolvedCheckpoint
-from clipbatch.models.files import cache_dir, cached_sha256, file_sha256
 from clipbatch.models.names import parse_model_name
-from clipbatch.models.openai import (
-    ASSETS,
-    TINY_ARCH,
-    TINY_CHECKPOINT,
-    OpenAIBackend,
-)
+from clipbatch.models.openai import OpenAIBackend
 from clipbatch.models.registry import family_module
 from clipbatch.preprocess.resize import ImagePreprocess
 
 log = logging.getLogger(__name__)
-
-TINY_MODEL_NAME = "tiny"
-
-__all__ = [
-    "ASSETS",
-    "TINY_ARCH",
-    "TINY_CHECKPOINT",
-    "TINY_MODEL_NAME",
-    "LoadedModel",
-    "ResolvedCheckpoint",
-    "cache_dir",
-    "cached_sha256",
-    "fetch_remote_checkpoint",
-    "file_sha256",
-    "load_model",
-    "resolve_checkpoint",
-    "resolve_device",
-    "resolve_precision",
-]
 
 
 def resolve_checkpoint(cfg: ModelConfig) -> ResolvedCheckpoint:
@@ -134,8 +109,8 @@ class LoadedModel:
 
 
 def load_model(cfg: ModelConfig, device: str = "auto", precision: str = "auto") -> LoadedModel:
-    """Load (once per process: :mod:`clipbatch.pipeline.process`) the model for ``cfg``."""
-    from clipbatch.pipeline.process import process_context
+    """Load (once per process: :mod:`clipbatch.process`) the model for ``cfg``."""
+    from clipbatch.process import process_context
 
     process = process_context()
     checkpoint = resolve_checkpoint(cfg)

@@ -22,12 +22,25 @@ import re
 from dataclasses import dataclass
 
 from clipbatch.errors import ConfigError
+from clipbatch.io.storage import has_scheme
 
 OPENAI, OPEN_CLIP, HF = "openai", "open_clip", "hf"
 FAMILIES = (OPENAI, OPEN_CLIP, HF)
 TINY = "tiny"
+# OpenAI's released checkpoints, by the names clip.load takes (clip.available_models();
+# a test holds the two together). Known without importing clip, which imports torch.
+OPENAI_MODELS = (
+    "RN50",
+    "RN101",
+    "RN50x4",
+    "RN50x16",
+    "RN50x64",
+    "ViT-B/32",
+    "ViT-B/16",
+    "ViT-L/14",
+    "ViT-L/14@336px",
+)
 
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _PREFIX = re.compile(r"^([A-Za-z][A-Za-z0-9_.-]*):")
 _NAME_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./+-]*$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -77,13 +90,9 @@ class ModelName:
     revision: str | None = None
 
 
-def is_url(value: str) -> bool:
-    return bool(_URL.match(value))
-
-
 def is_folder_path(value: str) -> bool:
     """A value ``hf:`` reads as a folder: a URL, or a path starting with /, ./ or ../."""
-    return is_url(value) or value.startswith(("/", "./", "../"))
+    return has_scheme(value) or value.startswith(("/", "./", "../"))
 
 
 def parse_model_name(name: str) -> ModelName:
@@ -91,14 +100,14 @@ def parse_model_name(name: str) -> ModelName:
     name = name.strip()
     if not name:
         raise ConfigError(f"empty model name; {GRAMMAR}")
-    if is_url(name):  # s3://..., file://...: an OpenAI-format checkpoint file
+    if has_scheme(name):  # s3://..., file://...: an OpenAI-format checkpoint file
         return ModelName(OPENAI, FILE, name, name)
     match = _PREFIX.match(name)
     if match is None:
         return _openai(name, name)
     prefix, rest = match.group(1), name[match.end() :]
     if prefix == OPENAI:
-        if _PREFIX.match(rest) and not is_url(rest):
+        if _PREFIX.match(rest) and not has_scheme(rest):
             raise ConfigError(f"model {name!r}: openai: takes a clip name, path or URI; {GRAMMAR}")
         return _openai(rest, name)
     if prefix == OPEN_CLIP:
@@ -118,7 +127,7 @@ def _openai(value: str, name: str) -> ModelName:
         raise ConfigError(f"model {name!r}: nothing after openai:; {GRAMMAR}")
     if value == TINY:
         return ModelName(OPENAI, BUILTIN, TINY, TINY)
-    if is_url(value):
+    if has_scheme(value):
         return ModelName(OPENAI, FILE, value, value)
     # A clip model name or a local checkpoint file: told apart when resolved, as before.
     return ModelName(OPENAI, BUILTIN, value, value)

@@ -35,7 +35,7 @@ from clipbatch.models.base import ModelBackend, ResolvedCheckpoint
 from clipbatch.models.extras import require
 from clipbatch.models.files import cached_sha256, config_sha256, local_folder
 from clipbatch.models.names import ARCH_TAG, HUB, LOCAL_DIR, ModelName
-from clipbatch.preprocess.resize import CLIP_MEAN, CLIP_STD, ImagePreprocess
+from clipbatch.preprocess.resize import CLIP_MEAN, CLIP_STD, ImagePreprocess, channel_values
 
 log = logging.getLogger(__name__)
 
@@ -349,8 +349,8 @@ def image_preprocess(cfg: dict[str, Any]) -> ImagePreprocess:
     """open_clip's ``image_transform(is_train=False)`` for a ``preprocess_cfg``, as data."""
     size = cfg.get("size", 224)
     height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    mean = _channels(cfg.get("mean") or CLIP_MEAN)
-    std = _channels(cfg.get("std") or CLIP_STD)
+    mean = channel_values(cfg.get("mean") or CLIP_MEAN)
+    std = channel_values(cfg.get("std") or CLIP_STD)
     # 'random' is a training option; open_clip's inference transform falls back to bicubic.
     interpolation = "bilinear" if cfg.get("interpolation") == "bilinear" else "bicubic"
     mode = cfg.get("resize_mode") or "shortest"
@@ -370,13 +370,6 @@ def image_preprocess(cfg: dict[str, Any]) -> ImagePreprocess:
         )
     # Non-square: ResizeKeepRatio(size) with its default (bicubic) interpolation.
     return ImagePreprocess(resize_mode="shortest", interpolation="bicubic", **common)
-
-
-def _channels(value: Any) -> tuple[float, float, float]:
-    if isinstance(value, (int, float)):
-        return (float(value),) * 3  # type: ignore[return-value]
-    a, b, c = (float(v) for v in value)
-    return a, b, c
 
 
 def _first_weight_dtype(module: torch.nn.Module) -> torch.dtype:

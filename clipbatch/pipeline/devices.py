@@ -23,7 +23,7 @@ from typing import Any
 
 from clipbatch.config import EmbedConfig
 from clipbatch.errors import ConfigError, TransientIOError
-from clipbatch.pipeline.process import process_context
+from clipbatch.process import process_context
 from clipbatch.records import ShardResult, ShardSpec
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def _worker_main(device: str, target: Callable[..., Any], inbox: Any, outbox: An
         import torch
 
         torch.cuda.set_device(device)  # stray allocations land on this GPU, not cuda:0
-    from clipbatch.pipeline.process import process_context
+    from clipbatch.process import process_context
 
     # Rows done go back to the parent as they are written, so its progress bar moves.
     process_context().progress = lambda rows: outbox.put(("progress", rows))
@@ -193,6 +193,8 @@ def device_pool(devices: Sequence[str]) -> DevicePool:
     with process.lock:
         pool = process.device_pools.get(resolved)
         if pool is None or pool.closed:
+            atexit.unregister(_close_pools)  # once, however many pools: close them at exit
+            atexit.register(_close_pools)
             pool = process.device_pools[resolved] = DevicePool(resolved, _run_shard_on)
             log.info("started %d device worker(s): %s", len(resolved), ", ".join(resolved))
         return pool
@@ -217,7 +219,6 @@ def run_shard_on_devices(
     return pool.run(shard, config, run_id, fingerprint, dict(run_meta or {}), registered())
 
 
-@atexit.register
 def _close_pools() -> None:
     process = process_context()
     with process.lock:

@@ -1,6 +1,6 @@
 """One shard, end to end: read -> decode/preprocess -> encode -> write -> commit.
 
-The stages overlap, each bounded (:mod:`clipbatch.pipeline.window`): a reader thread
+The stages overlap, each bounded (:mod:`clipbatch.window`): a reader thread
 reads rows ahead, the next batch decodes while the model encodes the current one, and
 at most two blocks wait for the writer thread. Memory is bounded by those windows, not
 by the shard's or the dataset's size.
@@ -22,16 +22,15 @@ from clipbatch.encode.batch import encode_batch
 from clipbatch.encode.encoder import ClipEncoder
 from clipbatch.errors import TooManyErrorsError
 from clipbatch.models.loading import LoadedModel
-from clipbatch.pipeline.skiplog import SkipLogger
-from clipbatch.pipeline.window import ordered, prefetch
+from clipbatch.pipeline.metadata import file_metadata
 from clipbatch.preprocess.batches import BatchDecoder
 from clipbatch.preprocess.decode import DecodeOptions
 from clipbatch.preprocess.device import gpu_decode_available
-from clipbatch.records import ShardResult, ShardSpec, StageTimings
-from clipbatch.sink.metadata import file_metadata
-from clipbatch.sink.rows import RowBlock
+from clipbatch.records import RowBlock, ShardResult, ShardSpec, StageTimings
 from clipbatch.sink.writer import ShardWriter
+from clipbatch.skiplog import SkipLogger
 from clipbatch.sources.base import ShardReader
+from clipbatch.window import ordered, prefetch
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,14 @@ from clipbatch.config import EmbedConfig, SourceConfig
 from clipbatch.encode.encoder import ClipEncoder
 from clipbatch.faults import crash_point
 from clipbatch.models.loading import LoadedModel, load_model
-from clipbatch.pipeline.process import process_context
 from clipbatch.pipeline.shard import ShardContext, process_shard
 from clipbatch.plan.planner import RunPlan, commit_record
+from clipbatch.process import process_context
 from clipbatch.records import ShardResult, ShardSpec
 from clipbatch.settings import allow_image_pixels
-from clipbatch.sink.commits import IndexWriter
-from clipbatch.sources import ShardReader, get_reader
+from clipbatch.sink.commits.writer import IndexWriter
+from clipbatch.sources.base import ShardReader
+from clipbatch.sources.registry import get_reader
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ def committed_result(shard: ShardSpec, config: EmbedConfig, fingerprint: str) ->
     """
     from clipbatch.io.retry import with_retries
     from clipbatch.io.storage import get_fs
-    from clipbatch.sink.commits import file_version
+    from clipbatch.sink.commits.segments import file_version
     from clipbatch.sink.layout import output_uri
     from clipbatch.sink.writer import read_file_metadata
 

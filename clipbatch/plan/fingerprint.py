@@ -21,24 +21,24 @@ holds), task retries, batch size, workers, devices and task runner, ``max_error_
 (a shard over it is still written), and ``row_group_size`` (file layout, not content).
 ``folder_shard_size`` and ``table_shard_rows`` are covered by the members and row range.
 
-**Formula versions.** Formula 1 (before the commit index) also hashed every source option,
-fetch settings and kind included, and no precision. A file carrying a formula-1
-fingerprint of the same inputs is still recognised (:func:`accepted_fingerprints`), so an
-upgrade never re-encodes a finished table.
+**Formula versions.** Formula 1 (before the commit index,
+:mod:`clipbatch.upgrade.fingerprint_v1`) also hashed every source option, fetch settings
+and kind included, and no precision. A file carrying a formula-1 fingerprint of the same
+inputs is still recognised (:func:`accepted_fingerprints`), so an upgrade never
+re-encodes a finished table.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
 from clipbatch.config import EmbedConfig, RuntimeConfig
+from clipbatch.digest import digest, json_value
 from clipbatch.records import ShardSpec
 from clipbatch.sink.schema import SCHEMA_VERSION
+from clipbatch.upgrade.fingerprint_v1 import OPENAI_CONTEXT, formula1_fingerprint
 
 FORMULA = 2
-OPENAI_CONTEXT = 77  # formula 1 only ever ran OpenAI-format models
 
 # Source options that decide which bytes form a row (formula 2).
 READER_OPTIONS = (
@@ -51,23 +51,6 @@ READER_OPTIONS = (
     "image_base_url",
     "fetch_max_bytes",
     "allow_networks",
-)
-# Every SourceConfig field formula 1 hashed, frozen: fields added later must not change it.
-FORMULA1_SOURCE_FIELDS = (
-    "kind",
-    "image_exts",
-    "caption_ext",
-    "caption_json_field",
-    "image_column",
-    "caption_column",
-    "key_column",
-    "image_base_url",
-    "folder_shard_size",
-    "table_shard_rows",
-    "fetch_timeout_s",
-    "fetch_retries",
-    "fetch_concurrency",
-    "fetch_max_bytes",
 )
 
 
@@ -122,7 +105,7 @@ def fingerprint_options(
         "preprocess": config.runtime.preprocess,
         "max_image_pixels": config.runtime.max_image_pixels,
         "precision": precision or config.runtime.precision,
-        "reader": {k: _json(getattr(config.source, k)) for k in READER_OPTIONS},
+        "reader": {k: json_value(getattr(config.source, k)) for k in READER_OPTIONS},
     }
 
 
@@ -145,39 +128,7 @@ def shard_fingerprint(
         "options": fingerprint_options(config, precision, context_length),
         "schema_version": SCHEMA_VERSION,
     }
-    return _digest(payload)
-
-
-def formula1_fingerprint(
-    shard: ShardSpec, config: EmbedConfig, model_sha256: str, kind: str | None = None
-) -> str:
-    """Formula 1, exactly as clipbatch wrote it before the commit index.
-
-    ``kind`` replaces ``source.kind`` (formula 1 hashed it: 'auto', or what the user named).
-    """
-    source_options = {k: _json(getattr(config.source, k)) for k in FORMULA1_SOURCE_FIELDS}
-    if kind is not None:
-        source_options["kind"] = kind
-    tokens = min(config.model.max_caption_tokens or OPENAI_CONTEXT, OPENAI_CONTEXT)
-    payload = {
-        "source_uri": shard.uri,
-        "source_version": shard.version,
-        "members": list(shard.members),
-        "sidecar": shard.sidecar_uri,
-        "sidecar_version": shard.sidecar_version,
-        "row_range": list(shard.row_range) if shard.row_range else None,
-        "model_sha256": model_sha256,
-        "options": {
-            "dtype": config.sink.dtype,
-            "normalize": config.sink.normalize,
-            "max_caption_tokens": tokens,
-            "preprocess": config.runtime.preprocess,
-            "max_image_pixels": config.runtime.max_image_pixels,
-            "source_options": source_options,
-        },
-        "schema_version": 1,
-    }
-    return _digest(payload)
+    return digest(payload)
 
 
 def accepted_fingerprints(
@@ -210,12 +161,3 @@ def _source_part(shard: ShardSpec) -> dict[str, Any]:
         "sidecar_version": shard.sidecar_version,
         "row_range": list(shard.row_range) if shard.row_range else None,
     }
-
-
-def _json(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
-def _digest(payload: dict[str, Any]) -> str:
-    blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()

@@ -28,18 +28,11 @@ from clipbatch.plan.fingerprint import (
     shard_fingerprint,
 )
 from clipbatch.records import ShardResult, ShardSpec
-from clipbatch.sink.commits import (
-    CommitRecord,
-    IndexView,
-    listed_versions,
-    load_index,
-    records_table,
-    utc_stamp,
-    write_segment,
-)
+from clipbatch.sink.commits.index import IndexView, listed_versions, load_index
+from clipbatch.sink.commits.segments import CommitRecord, records_table, utc_stamp, write_segment
 from clipbatch.sink.layout import output_uri
 from clipbatch.sink.writer import read_file_metadata
-from clipbatch.sources import discover
+from clipbatch.sources.registry import discover
 
 log = logging.getLogger(__name__)
 

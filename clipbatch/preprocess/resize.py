@@ -48,6 +48,14 @@ CROP_ROUNDINGS = ("round", "floor")
 RESAMPLERS = ("pil", "torch")
 
 
+def channel_values(value: Any) -> tuple[float, float, float]:
+    """A per-channel mean or std as three floats (configs give one number or three)."""
+    if isinstance(value, int | float):
+        return (float(value),) * 3  # type: ignore[return-value]
+    a, b, c = (float(v) for v in value)
+    return a, b, c
+
+
 @dataclass(frozen=True)
 class ImagePreprocess:
     """A model family's image preprocessing, as data: resize, pad/crop, then normalise.

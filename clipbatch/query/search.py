@@ -17,13 +17,8 @@ import numpy as np
 
 from clipbatch.config import ModelConfig, StorageOptions
 from clipbatch.errors import ConfigError
-from clipbatch.query.table import (
-    OutputTable,
-    TableError,
-    embedding_matrix,
-    normalize_rows,
-    open_tables,
-)
+from clipbatch.tables.table import OutputTable, TableError, open_tables
+from clipbatch.tables.vectors import embedding_matrix, normalize_rows
 
 log = logging.getLogger(__name__)
 

@@ -10,14 +10,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from clipbatch.query.table import OutputTable, ShardFile, embedding_matrix, normalize_rows
 from clipbatch.records import VECTOR_KEEP_RULES
-from clipbatch.sink.commits import (
-    COMMITS_DIR,
-    LEGACY_MANIFEST,
-    CommitRecord,
-    all_records,
-)
+from clipbatch.sink.commits.index import all_records
+from clipbatch.sink.commits.segments import COMMITS_DIR, CommitRecord
+from clipbatch.tables.table import OutputTable, ShardFile
+from clipbatch.tables.vectors import embedding_matrix, normalize_rows
+from clipbatch.upgrade.manifest_v1 import LEGACY_MANIFEST
 
 log = logging.getLogger(__name__)
 

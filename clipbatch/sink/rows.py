@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from clipbatch.records import PreparedSample
-
-
-@dataclass
-class RowBlock:
-    """Rows ready to write, with embeddings already normalised and cast."""
-
-    rows: list[PreparedSample]
-    image_embeddings: np.ndarray | None  # (n, D) with NaN rows where absent, or None
-    text_embeddings: np.ndarray | None
-    has_image: np.ndarray  # bool mask
-    has_text: np.ndarray
-    truncated: list[bool]
+from clipbatch.records import RowBlock
 
 
 def block_table(

@@ -7,6 +7,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from clipbatch.records import TABLE_COLUMNS
+
 SCHEMA_VERSION = 1
 METADATA_KEY = b"clipbatch"
 
@@ -23,15 +25,7 @@ BASE_FIELDS = [
     pa.field("status", pa.string(), nullable=False),
     pa.field("error", pa.string()),
 ]
-BASE_NAMES = {f.name for f in BASE_FIELDS} | {"image_embedding", "text_embedding", "similarity"}
-# Our columns, plus the ``json`` passthrough readers add: a source column of one of these
-# names is passed through as ``source_{name}``, so neither is lost.
-RESERVED_NAMES = BASE_NAMES | {"json"}
-
-
-def passthrough_name(column: str) -> str:
-    """The output name of a source column passed through (sidecar, table column)."""
-    return f"source_{column}" if column in RESERVED_NAMES else column
+BASE_NAMES = set(TABLE_COLUMNS)
 
 
 def embedding_type(dim: int, dtype: str) -> pa.DataType:

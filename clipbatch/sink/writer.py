@@ -28,9 +28,10 @@ from clipbatch.errors import ShardVerificationError
 from clipbatch.faults import crash_point
 from clipbatch.io.retry import with_retries
 from clipbatch.io.storage import file_digests, get_fs, is_local_fs, move, read_parquet_metadata
-from clipbatch.sink.commits import file_version
+from clipbatch.records import RowBlock
+from clipbatch.sink.commits.segments import file_version
 from clipbatch.sink.layout import LOCAL_PREFIX, output_uri, staging_uri
-from clipbatch.sink.rows import RowBlock, block_table
+from clipbatch.sink.rows import block_table
 from clipbatch.sink.schema import build_schema, decode_metadata, encode_metadata
 
 log = logging.getLogger(__name__)

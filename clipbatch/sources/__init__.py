@@ -1,5 +1,9 @@
-"""Dataset readers. Each source kind lists shards and streams :class:`RawSample` rows."""
+"""Dataset readers. Each source kind lists shards and streams :class:`RawSample` rows.
 
-from clipbatch.sources.base import ShardReader, discover, get_reader
-
-__all__ = ["ShardReader", "discover", "get_reader"]
+- :mod:`~clipbatch.sources.base`: the :class:`ShardReader` interface;
+- :mod:`~clipbatch.sources.registry`: :func:`get_reader` and :func:`discover`;
+- :mod:`~clipbatch.sources.listing`, :mod:`~clipbatch.sources.detect`: one listing, the kind;
+- one module per kind: :mod:`~clipbatch.sources.webdataset`, :mod:`~clipbatch.sources.folder`,
+  :mod:`~clipbatch.sources.table`; what they share: :mod:`~clipbatch.sources.fetch`,
+  :mod:`~clipbatch.sources.text`, :mod:`~clipbatch.sources.netguard`.
+"""

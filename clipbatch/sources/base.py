@@ -1,4 +1,4 @@
-"""The reader interface, the registry that picks a reader, and listing a source once."""
+"""The reader interface every source kind implements, and the rule all of them share."""
 
 from __future__ import annotations
 
@@ -7,11 +7,9 @@ from typing import Protocol
 
 import pyarrow as pa
 
-from clipbatch.config import SourceConfig
 from clipbatch.errors import ConfigError
-from clipbatch.io.storage import get_fs
 from clipbatch.records import RawSample, ShardSpec
-from clipbatch.sources.listing import Listing, list_source
+from clipbatch.sources.listing import Listing
 
 
 class ShardReader(Protocol):
@@ -30,46 +28,6 @@ class ShardReader(Protocol):
     def read(self, shard: ShardSpec) -> Iterator[RawSample]:
         """Yield every row of ``shard``; bad rows come with a non-ok status, never silently dropped."""
         ...
-
-
-def list_source_url(source: SourceConfig) -> Listing:
-    """One listing of everything ``source.url`` names (see :mod:`clipbatch.sources.listing`)."""
-    fs, path = get_fs(source.url, source.storage)
-    return list_source(fs, path, source.url)
-
-
-def get_reader(source: SourceConfig, kind: str | None = None) -> ShardReader:
-    """The reader for ``kind`` (default ``source.kind``). The plan resolves 'auto' once;
-    a reader is never asked to detect the kind, so no shard task lists the dataset."""
-    if kind is None and source.kind == "auto":
-        # Ad-hoc use (tests, the lineage tool): detect from one listing. The plan always
-        # passes the kind it resolved, so shard tasks never get here.
-        from clipbatch.sources.detect import detect_kind
-
-        kind = detect_kind(source, list_source_url(source))
-    kind = kind or source.kind
-    if kind == "webdataset":
-        from clipbatch.sources.webdataset import WebDatasetReader
-
-        return WebDatasetReader(source)
-    if kind == "folder":
-        from clipbatch.sources.folder import FolderReader
-
-        return FolderReader(source)
-    if kind == "table":
-        from clipbatch.sources.table import TableReader
-
-        return TableReader(source)
-    raise ConfigError(f"unknown source kind {kind!r}; use webdataset, folder or table")
-
-
-def discover(source: SourceConfig) -> tuple[str, list[ShardSpec]]:
-    """List ``source`` once; return its kind (detected when 'auto') and its shards."""
-    from clipbatch.sources.detect import detect_kind
-
-    listing = list_source_url(source)
-    kind = source.kind if source.kind != "auto" else detect_kind(source, listing)
-    return kind, get_reader(source, kind).shards_from(listing)
 
 
 def check_unique_names(shards: list[ShardSpec]) -> None:

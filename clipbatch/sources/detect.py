@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from clipbatch.config import SourceConfig
 from clipbatch.errors import ConfigError
-from clipbatch.sources.listing import Listing, expand_braces
+from clipbatch.sources.listing import Listing, expand_braces, list_source_url
 
 TABLE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson", ".json.gz", ".jsonl.gz", ".csv.gz")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -30,8 +30,6 @@ def detect_kind(source: SourceConfig, listing: Listing | None = None) -> str:
     if by_url:
         return by_url
     if listing is None:
-        from clipbatch.sources.base import list_source_url
-
         listing = list_source_url(source)
     files = [i.path.lower() for i in listing.matches]
     tars = sum(p.endswith(TAR_SUFFIXES) for p in files)

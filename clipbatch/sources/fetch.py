@@ -21,10 +21,10 @@ from typing import TypeVar
 from clipbatch.config import SourceConfig
 from clipbatch.errors import ConfigError
 from clipbatch.io.retry import RetryPolicy, retrying
-from clipbatch.io.storage import get_fs
-from clipbatch.pipeline.window import ordered
+from clipbatch.io.storage import get_fs, is_http_url
 from clipbatch.records import BLOCKED_URL, FETCH_ERROR, NOT_FOUND, TOO_LARGE
 from clipbatch.sources.netguard import AddressPolicy, BlockedAddressError, guarded_opener
+from clipbatch.window import ordered
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,10 +48,6 @@ class _NotFound(Exception):
 
 class _TooBig(Exception):
     pass
-
-
-def is_url(ref: str) -> bool:
-    return ref.lower().startswith(("http://", "https://"))
 
 
 class Fetcher:
@@ -118,7 +114,7 @@ class Fetcher:
             return Fetched(status=FETCH_ERROR, error=f"{ref}: {_describe(e)}{tries}")
 
     def _get(self, ref: str) -> bytes:
-        if is_url(ref):
+        if is_http_url(ref):
             return self._get_url(ref)
         fs, path = get_fs(ref, self.source.storage)
         try:

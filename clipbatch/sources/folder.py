@@ -23,7 +23,7 @@ from clipbatch.errors import ConfigError
 from clipbatch.io.storage import get_fs, to_uri
 from clipbatch.records import DUPLICATE_KEY, MISSING_IMAGE, RawSample, ShardSpec
 from clipbatch.sources.fetch import Fetcher
-from clipbatch.sources.listing import Listing, filter_suffixes
+from clipbatch.sources.listing import Listing, filter_suffixes, list_source_url
 from clipbatch.sources.text import parse_json, set_caption
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,6 @@ class FolderReader:
     # -- listing ---------------------------------------------------------------
     def list_shards(self) -> list[ShardSpec]:
         """List the source and cut it into shards (ad-hoc use; the plan lists once)."""
-        from clipbatch.sources.base import list_source_url
-
         return self.shards_from(list_source_url(self.source))
 
     def shards_from(self, listing: Listing) -> list[ShardSpec]:

@@ -27,9 +27,10 @@ import fsspec
 from braceexpand import UnbalancedBracesError, braceexpand
 from fsspec.utils import glob_translate
 
+from clipbatch.config import SourceConfig
 from clipbatch.errors import ConfigError, SourceError
 from clipbatch.io.retry import with_retries
-from clipbatch.io.storage import object_version
+from clipbatch.io.storage import get_fs, object_version
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
@@ -53,10 +54,6 @@ def expand_braces(pattern: str) -> list[str]:
         return list(braceexpand(pattern))
     except UnbalancedBracesError as e:
         raise ConfigError(f"cannot expand brace pattern in {pattern!r}: {e}") from None
-
-
-def has_pattern(path: str) -> bool:
-    return bool(_BRACE.search(path)) or any(c in path for c in _GLOB_CHARS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,3 +305,9 @@ def filter_suffixes(infos: Iterable[ObjectInfo], suffixes: tuple[str, ...]) -> l
     if not suffixes:
         return list(infos)
     return [i for i in infos if i.path.rsplit("/", 1)[-1].lower().endswith(suffixes)]
+
+
+def list_source_url(source: SourceConfig) -> Listing:
+    """One listing of everything ``source.url`` names (see :mod:`clipbatch.sources.listing`)."""
+    fs, path = get_fs(source.url, source.storage)
+    return list_source(fs, path, source.url)

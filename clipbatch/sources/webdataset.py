@@ -27,11 +27,11 @@ from clipbatch.records import (
     UNSAFE_PATH,
     RawSample,
     ShardSpec,
+    passthrough_name,
 )
-from clipbatch.sink.schema import passthrough_name
 from clipbatch.sources.base import check_unique_names
 from clipbatch.sources.detect import TAR_SUFFIXES
-from clipbatch.sources.listing import Listing, filter_suffixes
+from clipbatch.sources.listing import Listing, filter_suffixes, list_source_url
 from clipbatch.sources.text import parse_json, set_caption
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,6 @@ class WebDatasetReader:
     # -- listing ---------------------------------------------------------------
     def list_shards(self) -> list[ShardSpec]:
         """List the source and make its shards (ad-hoc use; the plan lists once)."""
-        from clipbatch.sources.base import list_source_url
-
         return self.shards_from(list_source_url(self.source))
 
     def shards_from(self, listing: Listing) -> list[ShardSpec]:

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipbatch.encode.encoder import CLIP_MEAN, CLIP_STD, encode_text_trimmed
-from clipbatch.models.loading import TINY_ARCH
+from clipbatch.models.openai import TINY_ARCH, encode_text_trimmed
+from clipbatch.preprocess.resize import CLIP_MEAN, CLIP_STD
 from clipbatch.synthetic import COLOURS, SHAPES, colour_prompt, shape_prompt
 from clipbatch.training.data import SceneSet, make_scene_set
 from clipbatch.training.metrics import recall_at_1, zero_shot_accuracy

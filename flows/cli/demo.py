@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from clipbatch.config import build_config
+from clipbatch.config import RuntimeConfig, build_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,10 +21,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clipbatch.models.loading import TINY_CHECKPOINT
-    from clipbatch.synthetic import write_webdataset
-    from flows.cli.execute import execute, print_summary
+    from clipbatch_flows.cli.execute import execute, print_summary
 
+    from clipbatch.models.openai import TINY_CHECKPOINT
+    from clipbatch.plan.preflight import check_device
+    from clipbatch.synthetic import write_webdataset
+
+    check_device(RuntimeConfig(device=args.device))
     root = Path(args.dir).resolve()
     data, dest = root / "data", root / "embeddings"
     write_webdataset(data, shards=args.shards, per_shard=args.per_shard, seed=0)
@@ -46,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
             "runtime": {"device": args.device, "batch_size": args.batch_size},
         }
     )
-    summary, error = execute(config, progress=not args.no_progress and sys.stderr.isatty())
+    progress = not args.no_progress and sys.stderr.isatty()
+    summary, error = execute(config, progress=progress, verbose=args.verbose)
     print_summary(summary)
     print(
         'read back:  python -c "import duckdb; print(duckdb.sql(\\"select key, caption, status, '
@@ -65,7 +69,7 @@ DEMO_QUERIES = ("a red circle", "a large blue square", "a yellow star on the lef
 def show_queries(dest: str, device: str) -> None:
     """Answer a few text queries from the output table alone, so a person can judge it."""
     from clipbatch.query.search import search
-    from clipbatch.query.table import open_table
+    from clipbatch.tables.table import open_table
 
     device = "cpu" if device == "auto" else device
     print("\nsearch:     text -> image, from the Parquet table alone (top 3, cosine)")

@@ -7,14 +7,17 @@ from typing import Any
 from clipbatch.config import EmbedConfig
 
 
-def execute(config: EmbedConfig, progress: bool = False) -> tuple[dict[str, Any], str | None]:
+def execute(
+    config: EmbedConfig, progress: bool = False, verbose: bool = False
+) -> tuple[dict[str, Any], str | None]:
     """Run ``embed_dataset`` in this process. Returns (summary, error message or None)."""
-    from flows.warmup import WarmStart
+    from clipbatch_flows.warmup import WarmStart
 
-    warm = WarmStart(config)  # Prefect's temporary server boots while we import and load
-    from clipbatch.pipeline.process import process_context
+    warm = WarmStart(config, verbose)  # Prefect's temporary server boots while we import and load
+    from clipbatch_flows.embed import embed_dataset
+
     from clipbatch.pipeline.summary import RunFailedError
-    from flows.embed import embed_dataset
+    from clipbatch.process import process_context
 
     bar = None
     if progress:

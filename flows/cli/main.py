@@ -13,8 +13,10 @@ from clipbatch.errors import ClipbatchError
 
 # Each entry: (module, help). A module exposes add_arguments(parser) and run(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("flows.cli.demo", "embed a built-in synthetic dataset offline, end to end"),
-    "run": ("flows.cli.run", "embed a dataset (S3, any fsspec URL, or a local path)"),
+    "demo": ("clipbatch_flows.cli.demo", "embed a built-in synthetic dataset offline, end to end"),
+    "run": ("clipbatch_flows.cli.run", "embed a dataset (S3, any fsspec URL, or a local path)"),
+    "deploy": ("clipbatch_flows.cli.deploy", "register the deployments with a Prefect server"),
+    "models": ("clipbatch.cli.models", "list the model names clipbatch takes, by family"),
     "search": ("clipbatch.cli.search", "text->image search over an output table"),
     "index": ("clipbatch.cli.index", "build or update the kNN indexes of a table (_knn/)"),
     "dedup": ("clipbatch.cli.dedup", "near-duplicate pairs from a table's kNN index"),

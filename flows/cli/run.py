@@ -5,11 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import Any, get_args
 
-from clipbatch.config import EmbedConfig, build_config, load_config
+from clipbatch_flows.params import CONFIG_PATHS
+
+from clipbatch.config import (
+    EmbedConfig,
+    EmbeddingDtype,
+    Precision,
+    PreprocessMode,
+    SourceKind,
+    build_config,
+    load_config,
+)
 from clipbatch.errors import ConfigError
-from flows.params import CONFIG_PATHS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--source", help="dataset URL, e.g. s3://bucket/laion/ or 's3://b/{00000..00099}.tar'"
     )
     p.add_argument("--dest", help="output URL for the Parquet table")
-    p.add_argument("--source-kind", choices=["auto", "webdataset", "folder", "table"])
+    p.add_argument("--source-kind", choices=get_args(SourceKind))
     p.add_argument(
         "--model",
         help="ViT-B/32 (or openai:ViT-B/32), tiny, an OpenAI checkpoint path or s3:// URI, "
@@ -27,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--checkpoint-sha256", help="expected checkpoint sha256")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--precision", choices=get_args(Precision))
     p.add_argument(
         "--batch-size",
         type=lambda v: v if v == "auto" else int(v),
@@ -52,11 +61,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--preprocess",
-        choices=["exact", "fast", "gpu"],
+        choices=get_args(PreprocessMode),
         help="exact (default): bit-identical to the model's own transform; fast: JPEG draft "
         "decoding + SIMD resize on the CPU; gpu: JPEGs decoded batched on the GPU (nvJPEG)",
     )
-    p.add_argument("--dtype", choices=["float16", "float32"], help="embedding storage dtype")
+    p.add_argument("--dtype", choices=get_args(EmbeddingDtype), help="embedding storage dtype")
     p.add_argument("--max-error-ratio", type=float)
     p.add_argument(
         "--overwrite", action="store_true", default=None, help="redo shards even if done"
@@ -101,14 +110,17 @@ def config_from_args(args: argparse.Namespace) -> EmbedConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flows.cli.execute import execute, print_summary
+    from clipbatch.plan.preflight import preflight
 
     config = config_from_args(args)
+    preflight(config)  # a typo costs a second and a line, before any server or model starts
+    from clipbatch_flows.cli.execute import execute, print_summary
+
     # Rows are counted where they are encoded: on a Dask/Ray cluster that is another process,
     # so a local bar would sit at zero.
     local = config.runtime.task_runner in (None, "threads")
     progress = local and not args.no_progress and sys.stderr.isatty()
-    summary, error = execute(config, progress=progress)
+    summary, error = execute(config, progress=progress, verbose=args.verbose)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

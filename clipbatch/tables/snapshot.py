@@ -1,6 +1,6 @@
 """The tables under a root, as one snapshot: every shard file, its version and fingerprint.
 
-The tables are :func:`clipbatch.query.table.find_tables`'s (one recursive listing of the
+The tables are :func:`clipbatch.tables.table.find_tables`'s (one recursive listing of the
 root); each table's commit index gives the fingerprints (a few reads per table, never
 one per file).
 """
@@ -13,9 +13,9 @@ import fsspec
 
 from clipbatch.config import SinkConfig, StorageOptions
 from clipbatch.errors import ConfigError
-from clipbatch.io.storage import get_fs, join, to_uri
-from clipbatch.query.table import TableError, find_tables
-from clipbatch.sink.commits import load_index
+from clipbatch.io.storage import get_fs, join
+from clipbatch.sink.commits.index import load_index
+from clipbatch.tables.table import TableError, find_tables
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,3 @@ def partition_root(dest: str) -> str:
     while len(parts) > 1 and "=" in parts[-1] and parts[-2] and not parts[-2].endswith(":"):
         parts.pop()
     return "/".join(parts)
-
-
-def uri_of(snap: Snapshot, file: TableFile) -> str:
-    return to_uri(snap.fs, file.path)

@@ -11,7 +11,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -19,9 +18,7 @@ from clipbatch.config import SinkConfig, StorageOptions
 from clipbatch.errors import ClipbatchError
 from clipbatch.io.retry import with_retries
 from clipbatch.io.storage import get_fs, join, read_parquet_columns, read_parquet_metadata
-from clipbatch.sink.commits import (
-    file_version,
-)
+from clipbatch.sink.commits.segments import file_version
 from clipbatch.sink.schema import decode_metadata
 
 log = logging.getLogger(__name__)
@@ -169,18 +166,3 @@ def open_tables(root: str, storage: StorageOptions | None = None) -> list[Output
 def _is_shard_file(path: str) -> bool:
     name = path.rstrip("/").rsplit("/", 1)[-1]
     return name.endswith(".parquet") and not name.startswith(("_", "."))
-
-
-def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """A fixed_size_list column as float32 [n, d] (zeros where null), and its validity mask."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    dim = arr.type.list_size
-    values = arr.values.slice(arr.offset * dim, len(arr) * dim)
-    mat = values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(arr), dim)
-    valid = np.asarray(arr.is_valid().to_numpy(zero_copy_only=False), bool)
-    mat[~valid] = 0.0
-    return mat, valid
-
-
-def normalize_rows(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
