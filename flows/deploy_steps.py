@@ -21,10 +21,12 @@ class CodeDirectoryError(RuntimeError):
 
 
 def code_directory() -> Path:
-    """``$CLIPBATCH_HOME``, else the folder this installed ``flows`` package is in.
+    """``$CLIPBATCH_HOME``, else the checkout this package was installed from (editable).
 
-    The default is the repository root for a checkout or an editable install (a local
-    process worker), and site-packages for a plain install; both hold ``flows/embed.py``.
+    An editable install maps ``clipbatch_flows`` to the checkout's ``flows/``, so the
+    default is the repository root: a local process worker needs nothing set. A wheel
+    install has no ``flows/embed.py``: its deployments come from ``clipbatch deploy``
+    (module-path entrypoints, no pull step), or CLIPBATCH_HOME names a checkout.
     """
     named = os.environ.get(HOME_VARIABLE, "").strip()
     if named:
@@ -41,7 +43,8 @@ def code_directory() -> Path:
         raise CodeDirectoryError(
             f"{HOME_VARIABLE} is not set and clipbatch's code is not beside the installed "
             f"package ({home}); set {HOME_VARIABLE} to the repository root in the worker's "
-            "environment, e.g. CLIPBATCH_HOME=$PWD prefect worker start ..."
+            "environment, e.g. CLIPBATCH_HOME=$PWD prefect worker start ..., or register "
+            "the deployments with `clipbatch deploy`, which needs no code directory"
         )
     return home
 

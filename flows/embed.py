@@ -28,11 +28,11 @@ from pydantic import Field
 
 from clipbatch.config import EmbedConfig
 from clipbatch.errors import ShardTaskError
-from clipbatch.io.storage import check_writable
 from clipbatch.pipeline.devices import device_slots
 from clipbatch.pipeline.summary import RunFailedError, RunSummary
 from clipbatch.pipeline.worker import failed_result
 from clipbatch.plan.planner import ShardSlice, commit_record, plan_shards
+from clipbatch.plan.preflight import preflight
 from clipbatch.records import ShardResult, ShardSpec
 from clipbatch.sink.commits.writer import IndexWriter
 from clipbatch.sink.staging import clean_staging
@@ -96,7 +96,7 @@ def embed_dataset(
         logger.info("partition %s: %s -> %s", run.partition, config.source.url, config.sink.url)
     meta = current_run_meta()
     run_id = meta["flow_run_id"] or uuid.uuid4().hex
-    check_writable(config.sink.url, config.sink.storage)  # before anything touches dest
+    preflight(config)  # source, destination, model name, device: before anything touches dest
     removed = clean_staging(config.sink)
     if removed:
         logger.info("removed %d stale staging folder(s) under %s/_tmp", removed, config.sink.url)

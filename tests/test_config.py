@@ -76,3 +76,30 @@ def test_cli_without_source_says_what_to_do():
     args = build_parser().parse_args(["run"])
     with pytest.raises(ConfigError, match="--source and --dest"):
         config_from_args(args)
+
+
+def test_the_source_kinds_are_the_readers_plus_auto() -> None:
+    from typing import get_args
+
+    from clipbatch.config import SourceKind
+    from clipbatch.sources.registry import READERS
+
+    assert get_args(SourceKind) == ("auto", *READERS)
+    for kind, reader in READERS.items():
+        assert reader.kind == kind
+
+
+def test_the_cli_takes_its_choices_from_the_config() -> None:
+    from typing import get_args
+
+    from clipbatch.config import EmbeddingDtype, Precision, PreprocessMode, SourceKind
+
+    choices = {
+        a.dest: tuple(a.choices)
+        for a in build_parser()._subparsers._group_actions[0].choices["run"]._actions
+        if a.choices
+    }
+    assert choices["source_kind"] == get_args(SourceKind)
+    assert choices["precision"] == get_args(Precision)
+    assert choices["preprocess"] == get_args(PreprocessMode)
+    assert choices["dtype"] == get_args(EmbeddingDtype)

@@ -15,7 +15,7 @@ placed as transformers places it, resample, mean, std), as data; ``exact`` mode 
 the processor's resampler: PIL for PIL-backed processors, torch's uint8 antialiased kernel
 for torchvision-backed ones (transformers 5's default). Text uses the folder's tokenizer:
 CLIP pads to the batch's longest caption (its tower is causal and pools at the first EOS,
-so padding is inert; proven in tests/test_models_hf.py), SigLIP pads to the full context
+so padding is inert; proven in tests/models/test_hf.py), SigLIP pads to the full context
 (64) with ``padding="max_length"``, as its model card does, because it pools the last
 position.
 """

@@ -4,7 +4,7 @@ Exactly what clipbatch did before model families existed: ``clip.load(..., jit=F
 gives the model and its torchvision transform; the tokenizer is clip's SimpleTokenizer;
 text is encoded only up to the batch's longest caption (:func:`encode_text_trimmed`,
 exact because the text tower is causal and reads the end-of-text token; proven in
-tests/test_encode.py).
+tests/encode/test_encoder.py).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ True)`` (open_clip's ``weights_only`` default, passed explicitly). Preprocessing
 model's ``preprocess_cfg`` (size, mean, std, interpolation, resize mode, fill), as data.
 Text is encoded to the batch's longest caption only for the towers where that is exact
 (a causal ``CLIP`` text tower pooling at the end-of-text token with clip's BPE, whose
-end-of-text id is the largest; proven in tests/test_models_open_clip.py); every other
+end-of-text id is the largest; proven in tests/models/test_open_clip.py); every other
 tower (SigLIP's bidirectional ``last`` pooling, HF text towers, CoCa) gets the full
 padded context.
 """

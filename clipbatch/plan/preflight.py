@@ -105,7 +105,10 @@ def open_clip_architectures() -> set[str]:
 
 def check_device(runtime: RuntimeConfig) -> None:
     """A CUDA device needs an NVIDIA driver here; MPS needs macOS. (Whether torch sees the
-    GPU is decided when the model loads; this catches the machine that has none.)"""
+    GPU is decided when the model loads; this catches the machine that has none.) Shards
+    sent to a Dask or Ray cluster run on its machines, not here: not checked."""
+    if runtime.task_runner not in (None, "", "threads"):
+        return
     wanted = list(runtime.devices) or [runtime.device]
     for device in wanted:
         if (device == "all" or device.startswith("cuda")) and not nvidia_driver_present():

@@ -148,7 +148,7 @@ def decode_to_pixels(data: bytes, opts: DecodeOptions) -> tuple[np.ndarray, int,
             # DCT-domain downscaling to 1/2 or 1/4 scale (1/8 is too coarse), never below
             # 1.5 x n_px (2 x below 128 px, where the tiny ResNet tower measured a cosine of
             # 0.9998 at 1.5 x): embeddings stay within a cosine of 0.9999 of the reference
-            # (tests/test_hot_path.py, bench/RESULTS.md).
+            # (tests/preprocess/test_hot_path.py, bench/RESULTS.md).
             # For other families the floor is taken from the largest output side.
             n_px = opts.image.n_px
             floor = 2 * n_px if n_px < 128 else 3 * n_px // 2

@@ -9,7 +9,7 @@ happen later, batched, on the device (:meth:`clipbatch.encode.encoder.ClipEncode
   PIL (a = -0.5, support scaled with the reduction) in SIMD code, about 3x faster than
   PIL on one core; pixels differ from PIL's by at most 1 on a small fraction of pixels
   (fixed-point rounding), so the embeddings agree to a cosine well above 0.9999
-  (measured in bench/ and asserted in tests/test_hot_path.py). Callers may pair it with
+  (measured in bench/ and asserted in tests/preprocess/test_hot_path.py). Callers may pair it with
   JPEG draft decoding (DCT-domain downscaling) for large images.
 
 GPU decoding (``gpu`` mode) is :mod:`clipbatch.preprocess.device`.

@@ -66,7 +66,7 @@ def source_fields(source: SourceConfig) -> dict[str, str]:
 
 
 # output column -> (source roles it is computed from, transformation subtype, description).
-# Every column of the table is here or in SHARD_COLUMNS (tests/test_lineage_facets.py).
+# Every column of the table is here or in SHARD_COLUMNS (tests/lineage/test_facets.py).
 COLUMN_LINEAGE: dict[str, tuple[tuple[str, ...], str, str]] = {
     "key": (("key",), "IDENTITY", "the source key, or one derived from shard and member"),
     "source_member": (("key",), "IDENTITY", "member stem, relative path or row index"),

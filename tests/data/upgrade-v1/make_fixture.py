@@ -10,7 +10,7 @@ It embeds a small synthetic WebDataset on a moto S3 server, in bucket ``clipbatc
 (the fingerprint hashes the source URI and the tar's ETag, an MD5 of its bytes, so the same
 tars uploaded to the same keys give the same fingerprints anywhere), and saves the tars and
 every object of the table: shard files, ``_manifest.json`` and ``_lineage/``.
-tests/test_scale.py uploads both again and checks that today's code skips every shard.
+tests/plan/test_scale.py uploads both again and checks that today's code skips every shard.
 """
 
 from __future__ import annotations

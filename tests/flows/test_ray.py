@@ -20,6 +20,7 @@ pytest.importorskip("prefect_ray")
 
 from tests import test_dask as shared  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
+from tests.paths import REPO
 
 # The same dataset and local reference run as the Dask tests.
 s3_source = shared.s3_source
@@ -27,7 +28,7 @@ local_reference = shared.local_reference
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = REPO
 RAY = str(Path(sys.executable).with_name("ray"))
 
 

@@ -38,10 +38,11 @@ from tests.conftest import upload_dir
 from tests.corpus import write_webdataset_corpus
 from tests.faultproxy import FaultProxy
 from tests.helpers import tiny_s3_config
+from tests.paths import REPO
 
 pytestmark = pytest.mark.timeout(300)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 QUERIES = ["a red circle", "a small blue square on the left", "a green triangle"]
 
 

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.paths import REPO
+
 pytestmark = pytest.mark.timeout(120)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = REPO
 PROBE = """
 import sys
 from clipbatch.config import ModelConfig

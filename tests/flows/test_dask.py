@@ -30,10 +30,11 @@ from clipbatch.io.storage import get_fs
 from clipbatch.synthetic import write_webdataset
 from tests.conftest import free_port, upload_dir
 from tests.helpers import read_table, tiny_s3_config
+from tests.paths import REPO
 
 pytestmark = pytest.mark.timeout(240)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = REPO
 DASK = str(Path(sys.executable).with_name("dask"))
 PLUGIN = "clipbatch-test-shards"
 

@@ -33,6 +33,7 @@ from clipbatch.config import build_config
 from clipbatch.errors import ConfigError
 from clipbatch.sources.netguard import AddressPolicy
 from clipbatch.synthetic import jpeg_bytes, random_spec, render, write_webdataset
+from tests.paths import REPO
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -265,7 +266,7 @@ def test_pip_keeps_a_current_s3fs_beside_prefect_aws() -> None:
 def test_flow_runs_find_their_code_without_clipbatch_home(tmp_path: Path, monkeypatch) -> None:
     from clipbatch_flows.deploy_steps import CodeDirectoryError, enter_code_directory
 
-    repo = Path(__file__).resolve().parent.parent
+    repo = REPO
     monkeypatch.chdir(tmp_path)  # a worker starts flow runs in a temporary folder
     monkeypatch.delenv("CLIPBATCH_HOME", raising=False)
     assert enter_code_directory() == {"directory": str(repo)}

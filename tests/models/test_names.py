@@ -99,3 +99,23 @@ def test_missing_tag_lists_the_architectures_tags() -> None:
     # The tags come from open_clip's registry (the [open_clip] extra, part of [dev]).
     with pytest.raises(ConfigError, match="tags for ViT-B-32: .*laion2b_s34b_b79k"):
         parse_model_name("open_clip:ViT-B-32")
+
+
+def test_the_openai_names_known_without_torch_are_clips_own() -> None:
+    import clip
+
+    from clipbatch.models.names import OPENAI_MODELS
+
+    assert list(OPENAI_MODELS) == clip.available_models()
+
+
+def test_list_models_names_every_family_in_the_grammar() -> None:
+    from clipbatch.models.catalog import list_models
+    from clipbatch.models.names import parse_model_name
+
+    names = list_models()
+    assert "tiny" in names and "openai:ViT-B/32" in names
+    assert any(n.startswith("open_clip:ViT-B-32:") for n in names)
+    assert any(n.startswith("hf:") for n in names)
+    for name in names:
+        parse_model_name(name)  # every listed name parses

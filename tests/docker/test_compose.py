@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,9 +17,11 @@ import jsonschema
 import pytest
 import yaml
 
+from tests.paths import REPO
+
 pytestmark = pytest.mark.timeout(60)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 DOCKER = ROOT / "docker"
 DEPLOY = ROOT / "deployments"
 

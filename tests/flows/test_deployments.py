@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import os
 import re
 import subprocess
 import sys
@@ -30,13 +29,14 @@ import httpx
 import pytest
 
 from clipbatch.synthetic import write_webdataset
-from tests.conftest import free_port, upload_dir
+from tests.conftest import upload_dir
 from tests.helpers import read_table
+from tests.paths import REPO
+from tests.prefect_server import PREFECT, prefect_server, stop
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
-ROOT = Path(__file__).resolve().parent.parent
-PREFECT = [sys.executable, "-m", "prefect"]
+ROOT = REPO
 POOL = "clipbatch-local"
 NIGHTLY_BUCKET = "clipbatch"  # named in deployments/prefect.yaml
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -121,100 +121,42 @@ class Stack:
         return (self.logs / "worker.log").read_text()[-6000:]
 
 
-def _wait_healthy(api: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"prefect server not healthy after {timeout}s:\n{log.read_text()[-4000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iterator[Stack]:
     home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("PREFECT_") and k != "CLIPBATCH_HOME"
-    }
-    env.update(
-        PREFECT_HOME=str(home),
-        PREFECT_API_URL=api,
-        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_UI_ENABLED="false",
-        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2",
-        PREFECT_WORKER_QUERY_SECONDS="1",
-        PREFECT_WORKER_PREFETCH_SECONDS="1",
-        PREFECT_LOGGING_LEVEL="INFO",
-        # What the flow-run processes read: the object store. Credentials come from
-        # conftest's environment (moto's). CLIPBATCH_HOME is left unset on purpose: the
-        # pull step finds the code beside the installed package, as for a local worker.
-        AWS_ENDPOINT_URL_S3=s3_endpoint,
-        PYTHONPATH=str(ROOT),
-    )
-    server_log = home / "server.log"
-    worker_log = home / "worker.log"
-    procs: list[subprocess.Popen] = []
-    with server_log.open("w") as slog, worker_log.open("w") as wlog:
+    # What the flow-run processes read: the object store. Credentials come from conftest's
+    # environment (moto's). CLIPBATCH_HOME is left unset on purpose: the pull step finds
+    # the code beside the installed package, as for a local worker.
+    with (
+        prefect_server(home, AWS_ENDPOINT_URL_S3=s3_endpoint, PYTHONPATH=str(ROOT)) as server,
+        (home / "worker.log").open("w") as wlog,
+    ):
+        env = server.env
+        s = Stack(server.api, env, home, s3_endpoint)
+        # The documented set-up script: the pool, and the `default` queue's GPU slots
+        # (3 here, so the backfill's children run side by side).
+        setup = subprocess.run(
+            ["bash", "deployments/setup-work-pools.sh"],
+            env={**env, "GPU_SLOTS": "3", "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert setup.returncode == 0, setup.stdout + setup.stderr
+        # The worker starts (~10 s of imports) while `prefect deploy` runs.
+        worker = subprocess.Popen(
+            [*PREFECT, "worker", "start", "--pool", POOL, "--limit", "4"],
+            env=env,
+            cwd=ROOT,
+            stdout=wlog,
+            stderr=subprocess.STDOUT,
+        )
         try:
-            server = subprocess.Popen(
-                [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                env=env,
-                cwd=home,
-                stdout=slog,
-                stderr=subprocess.STDOUT,
-            )
-            procs.append(server)
-            _wait_healthy(api, server, server_log)
-            s = Stack(api, env, home, s3_endpoint)
-            # The documented set-up script: the pool, and the `default` queue's GPU slots
-            # (3 here, so the backfill's children run side by side).
-            setup = subprocess.run(
-                ["bash", "deployments/setup-work-pools.sh"],
-                env={
-                    **env,
-                    "GPU_SLOTS": "3",
-                    "PATH": f"{Path(sys.executable).parent}:{env['PATH']}",
-                },
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            assert setup.returncode == 0, setup.stdout + setup.stderr
-            # The worker starts (~10 s of imports) while `prefect deploy` runs.
-            worker = subprocess.Popen(
-                [*PREFECT, "worker", "start", "--pool", POOL, "--limit", "4"],
-                env=env,
-                cwd=ROOT,
-                stdout=wlog,
-                stderr=subprocess.STDOUT,
-            )
-            procs.append(worker)
             s.cli("deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
             yield s
         finally:
-            for proc in reversed(procs):
-                _stop(proc)
+            stop(worker)
 
 
 @pytest.fixture(scope="module")

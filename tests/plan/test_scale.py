@@ -27,12 +27,13 @@ from clipbatch.synthetic import write_webdataset
 from clipbatch.upgrade.manifest_v1 import LEGACY_MANIFEST
 from tests.faultproxy import Exchange, FaultProxy
 from tests.helpers import tiny_s3_config
+from tests.paths import DATA
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 SIZES = (20, 200)
 PER_SHARD = 2
-FIXTURE = Path(__file__).parent / "data" / "upgrade-v1"
+FIXTURE = DATA / "upgrade-v1"
 
 
 @dataclass

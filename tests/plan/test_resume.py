@@ -1,6 +1,6 @@
 """Issue 5: fingerprint resume, adoption after a crash, and stale-staging cleanup (§2, §4).
 
-Local files keep these fast; tests/test_faults.py runs the same protocol on S3 under faults.
+Local files keep these fast; tests/pipeline/test_faults.py runs the same protocol on S3 under faults.
 """
 
 from __future__ import annotations
