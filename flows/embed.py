@@ -96,7 +96,7 @@ def embed_dataset(
         logger.info("partition %s: %s -> %s", run.partition, config.source.url, config.sink.url)
     meta = current_run_meta()
     run_id = meta["flow_run_id"] or uuid.uuid4().hex
-    preflight(config)  # source, destination, model name, device: before anything touches dest
+    preflight(config, source=False)  # dest, model name, device: before anything touches dest
     removed = clean_staging(config.sink)
     if removed:
         logger.info("removed %d stale staging folder(s) under %s/_tmp", removed, config.sink.url)

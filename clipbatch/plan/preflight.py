@@ -41,11 +41,16 @@ from clipbatch.sources.listing import expand_braces
 GLOB_CHARS = "*?["
 
 
-def preflight(config: EmbedConfig) -> None:
-    """Every cheap check, model and device first (no request), then storage."""
+def preflight(config: EmbedConfig, source: bool = True) -> None:
+    """Every cheap check, model and device first (no request), then storage.
+
+    ``source=False`` leaves the source to the plan, whose one listing says as much (the
+    flow's case: its request count per run stays what the plan makes).
+    """
     check_model(config.model)
     check_device(config.runtime)
-    check_source(config.source)
+    if source:
+        check_source(config.source)
     check_destination(config.sink)
 
 
