@@ -35,7 +35,7 @@ from clipbatch.plan.planner import ShardSlice, commit_record, plan_shards
 from clipbatch.plan.preflight import preflight
 from clipbatch.records import ShardResult, ShardSpec
 from clipbatch.sink.commits.writer import IndexWriter
-from clipbatch.sink.staging import clean_staging
+from clipbatch.sink.staging import clean_staging, remove_empty_tmp
 from clipbatch.window import completed
 
 # Task runs in flight are bounded by config.runtime.shard_concurrency (a sliding window
@@ -147,6 +147,7 @@ def embed_dataset(
         observers.run_finished(summary, e)
         raise
     index.close()
+    remove_empty_tmp(config.sink)  # no empty bookkeeping left behind
     summary.seconds = time.perf_counter() - start
     logger.info(
         "done: %d committed, %d skipped, %d failed; %d rows (%d ok) at %.1f images/s",

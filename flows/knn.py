@@ -18,7 +18,7 @@ import hashlib
 import re
 from typing import Annotated, Any, Literal
 
-from clipbatch_flows.reporting import asset_key
+from clipbatch_flows.assets import asset_key
 from clipbatch_flows.run_meta import current_run_meta
 from clipbatch_tasks.knn import build_knn_index
 from prefect import flow

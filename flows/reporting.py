@@ -15,10 +15,10 @@ Everything here runs inside the flow run and is redacted like the run record.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from clipbatch_flows.assets import asset_key
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -26,6 +26,7 @@ from prefect.artifacts import (
 )
 from prefect.assets import Asset, AssetProperties, add_asset_metadata, materialize
 from prefect.events import emit_event
+from prefect.logging import get_run_logger
 
 from clipbatch.config import EmbedConfig
 from clipbatch.lineage.naming import dataset_prefix
@@ -43,16 +44,10 @@ SHARD_FAILED = "clipbatch.shard.failed"
 # Emitted when a run completes; the build-index deployment's trigger reacts to it.
 RUN_COMPLETED = "clipbatch.run.completed"
 SUMMARY_KEY = "clipbatch-run-summary"
+INDEX_TRIGGER_KEY = "clipbatch-index-trigger"
 PROGRESS_KEY = "clipbatch-run-progress"
 MAX_TABLE_ROWS = 200  # the markdown table lists at most this many shards
 PROGRESS_INTERVAL_S = 2.0
-
-
-def asset_key(url: str) -> str:
-    """Prefect asset keys are URIs: local paths become file:// URIs."""
-    if "://" in url:
-        return url.rstrip("/")
-    return "file://" + os.path.abspath(url).rstrip("/")
 
 
 class PrefectReporter:
@@ -150,6 +145,8 @@ class PrefectReporter:
         from clipbatch.tables.snapshot import partition_root
 
         root = self.redact.text(partition_root(self.config.sink.url))
+        storage = self.redact(self.config.sink.storage.model_dump(mode="json"))
+        self._check_index_trigger(root, storage)
         emit_event(
             event=RUN_COMPLETED,
             resource={
@@ -163,7 +160,7 @@ class PrefectReporter:
                     "dest": self.dest,
                     # Non-secret by construction (StorageOptions refuses secrets), so the
                     # index run reaches the same store the same way.
-                    "storage": self.config.sink.storage.model_dump(mode="json"),
+                    "storage": storage,
                     "run_id": summary.run_id,
                     "shards_committed": summary.committed,
                     "rows_written": summary.rows_written,
@@ -171,6 +168,27 @@ class PrefectReporter:
                 }
             ),
         )
+
+    def _check_index_trigger(self, root: str, storage: dict[str, Any]) -> None:
+        """The build-index trigger hands ``root`` and ``storage`` to the build-index flow.
+        Parameters it would refuse make the automation's action fail, which only an event
+        records: say so here, in this run's log and an artifact, where an operator looks."""
+        from clipbatch_flows.knn import build_index_flow
+
+        try:
+            build_index_flow.validate_parameters({"root": root, "storage": storage})
+        except Exception as e:  # noqa: BLE001 - Prefect's ParameterTypeError and kin
+            message = (
+                f"the build-index trigger cannot start an index build for {root}: its "
+                f"parameters do not validate ({e}); build the index by hand with "
+                "`clipbatch index` or `prefect deployment run 'build-index/build-index'`"
+            )
+            get_run_logger().error("%s", message)
+            create_markdown_artifact(
+                markdown=f"**Index build not triggered.** {message}",
+                key=INDEX_TRIGGER_KEY,
+                description=f"clipbatch: index trigger for {root}",
+            )
 
     def _materialize(self, summary: RunSummary) -> None:
         table = Asset(

@@ -84,6 +84,7 @@ def prefect_server(home: Path, python: str = sys.executable, **env: str) -> Iter
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     full_env = {**base_env(home, api), **env}
+    home.mkdir(parents=True, exist_ok=True)
     log = home / "server.log"
     with log.open("w") as out:
         proc = subprocess.Popen(

@@ -3,7 +3,10 @@
 Three layers, because a secret can hide in a key, in a URL or inside free text such
 as an exception message:
 
-- mapping keys that look like credentials have their values replaced;
+- mapping keys that look like credentials have their values replaced; names of
+  references (a Prefect block's name, ``credentials_block``) are not secrets: the block
+  holds the secret, its name says where it is, and lineage must be able to say which
+  block a run used (a trigger's parameters need it too);
 - URLs lose their password (``user:pass@``) and signed-query parameters;
 - any string containing the value of a credential-looking environment variable has
   that value masked, wherever it appears.
@@ -40,6 +43,8 @@ _SECRET_SEGMENTS = {
 # Whole names only: "key" alone is s3fs's access key id, but key_column is not secret.
 _SECRET_EXACT = {"key"}
 _SECRET_COMPOUNDS = ("api_key", "access_key", "private_key", "account_key", "session_key")
+# Names that refer to where a secret is kept, never the secret: kept as they are.
+_REFERENCE_SUFFIXES = ("_block", "_block_name")
 # Query parameters of presigned / SAS URLs.
 _SECRET_QUERY = re.compile(r"(signature|credential|token|sig|key|secret|se?ssion)", re.IGNORECASE)
 _URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
@@ -49,7 +54,11 @@ _MIN_SECRET_LEN = 8
 
 
 def is_secret_name(name: str) -> bool:
+    """Whether a mapping key names a secret value (``aws_secret_access_key``, ``token``),
+    not a reference to one (``credentials_block``)."""
     low = name.lower().replace("-", "_")
+    if low.endswith(_REFERENCE_SUFFIXES):
+        return False
     segments = set(re.split(r"[_.]+", low))
     return (
         low in _SECRET_EXACT

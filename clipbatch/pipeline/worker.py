@@ -24,6 +24,7 @@ from clipbatch.process import process_context
 from clipbatch.records import ShardResult, ShardSpec
 from clipbatch.settings import allow_image_pixels
 from clipbatch.sink.commits.writer import IndexWriter
+from clipbatch.sink.staging import remove_empty_tmp
 from clipbatch.sources.base import ShardReader
 from clipbatch.sources.registry import get_reader
 
@@ -129,6 +130,7 @@ def run_plan(
                 on_result(result)
     finally:
         index.close()
+    remove_empty_tmp(plan.config.sink)
     return results
 
 

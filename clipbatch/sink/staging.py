@@ -18,7 +18,7 @@ from typing import Any
 
 from clipbatch.config import SinkConfig
 from clipbatch.io.retry import with_retries
-from clipbatch.io.storage import get_fs, join, remove_quietly
+from clipbatch.io.storage import get_fs, is_local, join, remove_quietly
 from clipbatch.sink.layout import LOCAL_PREFIX, SEP, TMP_DIR, host_name
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,20 @@ def clean_staging(
         remove_quietly(fs, path, recursive=True)
         removed += 1
     return removed
+
+
+def remove_empty_tmp(sink: SinkConfig) -> bool:
+    """Remove ``{dest}/_tmp/`` when nothing is left in it (local disks; object stores have no
+    empty folders). A concurrent run's staging keeps it; one that starts staging right
+    after recreates it (the writer retries its folder). Whether it went."""
+    if not is_local(sink.url):
+        return False
+    _, root = get_fs(join(sink.url, TMP_DIR), sink.storage)
+    try:
+        os.rmdir(root)
+    except OSError:  # absent, or not empty: a live run's staging, or a crashed run's
+        return False
+    return True
 
 
 def clean_local_temp(directory: str | None = None) -> int:

@@ -102,6 +102,17 @@ def test_redactor_masks_keys_urls_and_env_values():
     assert is_secret_name("OPENLINEAGE__TRANSPORT__AUTH") and not is_secret_name("key_column")
 
 
+def test_a_block_name_is_a_reference_not_a_secret():
+    """The block holds the secret; its name says which block a run used, and the index
+    trigger's parameters carry it (a masked name failed the trigger's validation)."""
+    _, secret = aws_key_pair()
+    r = Redactor(environ={"AWS_SECRET_ACCESS_KEY": secret})
+    storage = {"credentials_block": "aws-credentials/team-s3", "endpoint_url": None}
+    assert r({"storage": storage}) == {"storage": storage}
+    assert not is_secret_name("credentials_block")
+    assert is_secret_name("credentials") and is_secret_name("aws_session_token")
+
+
 def readable(key: str, body: bytes) -> str:
     """An object's text as a reader would see it: compressed parts and tables decoded."""
     if key.endswith(".gz"):

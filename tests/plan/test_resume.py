@@ -66,6 +66,15 @@ def todo(cfg: EmbedConfig) -> list[str]:
     return [s.name for s in plan_shards(cfg).todo]
 
 
+def test_a_finished_local_run_leaves_no_empty_bookkeeping(done):
+    _, dest = done
+    assert not (dest / TMP_DIR).exists()
+    assert sorted(p.name for p in dest.iterdir() if p.name.startswith("_")) == [
+        "_commits",
+        "_lineage",
+    ]
+
+
 def test_rerun_skips_every_shard_and_reports_it(prefect_harness, done):
     from clipbatch_flows.embed import embed_dataset
 
