@@ -6,13 +6,15 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+FLOOR ?= .venv-floor
+FLOOR_PYARROW ?= 17.0.0
 
 .PHONY: demo test lint bench clean
 
 demo: $(VENV)/.installed-base
 	$(BIN)/clipbatch demo
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev $(FLOOR)/.installed
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed-dev
@@ -41,5 +43,24 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(PREPARE_PREFECT_DB)
 	touch $(VENV)/.installed-base $@
 
+# The declared pyarrow floor, tested (tests/tables/test_floor_clients.py): a second venv
+# with pyarrow at pyproject.toml's floor, numpy 1.x and pandas < 2.3 (as autofaiss users
+# have them), autofaiss and embedding-reader. Everything else (torch, clip, Prefect, the
+# package itself) comes from $(VENV): a .pth file adds its site-packages after the
+# floor's own, so the floor's pyarrow, numpy and pandas win. The shared packages are
+# constrained to $(VENV)'s versions, so none is shadowed by another release. About 20 s.
+FLOOR_PACKAGES = "pyarrow==$(FLOOR_PYARROW)" "numpy<2" "pandas<2.3" autofaiss==2.18.0 embedding-reader faiss-cpu
+
+$(FLOOR)/.installed: pyproject.toml $(VENV)/.installed-dev
+	rm -rf $(FLOOR)
+	$(BIN)/python -m venv $(FLOOR)
+	$(BIN)/pip freeze --exclude-editable | grep -viE '^(numpy|pyarrow|pandas)==' > $(FLOOR)/constraints.txt
+	$(FLOOR)/bin/pip install -q -c $(FLOOR)/constraints.txt $(FLOOR_PACKAGES)
+	DEV_SITE=$$($(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
+	FLOOR_SITE=$$($(FLOOR)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
+	echo "import site; site.addsitedir('$$DEV_SITE')" > "$$FLOOR_SITE/zz-clipbatch-dev.pth"
+	$(FLOOR)/bin/python -c "import numpy, pyarrow, torch, clipbatch; assert numpy.__version__ < '2' and pyarrow.__version__ == '$(FLOOR_PYARROW)'; torch.from_numpy(numpy.ones(2))"
+	touch $@
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info clipbatch-demo
+	rm -rf $(VENV) $(FLOOR) build dist *.egg-info clipbatch-demo

@@ -33,6 +33,7 @@ from clipbatch.knn.policy import IndexSettings, faiss_module
 from clipbatch.knn.search import open_index
 from clipbatch.knn.store import INDEX_FILE
 from clipbatch.sink.schema import encode_metadata
+from clipbatch.tables.vectors import embedding_matrix
 
 HERE = Path(__file__).resolve().parent
 MODEL = {"name": "bench-random", "checkpoint_sha256": "0" * 64, "embed_dim": 512}
@@ -56,8 +57,9 @@ def write_night(
     for f, part in enumerate(np.array_split(vectors, files)):
         n = len(part)
         failed = rng.random(n) < 0.02
-        values = pa.array(part.astype(np.float16).ravel())
-        emb = pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(failed))
+        stored = part.astype(np.float16)
+        stored[failed] = 0  # rows without a vector: all zeros, as the writer stores them
+        emb = pa.FixedSizeListArray.from_arrays(pa.array(stored.ravel()), dim)
         table = pa.table(
             {
                 "key": [f"{night:03d}{f:03d}{i:05d}" for i in range(n)],
@@ -73,9 +75,7 @@ def read_truth_vectors(root: Path) -> tuple[np.ndarray, list[str]]:
     mats, keys = [], []
     for path in sorted(root.glob("date=*/*.parquet")):
         t = pq.read_table(path, columns=["key", "image_embedding"])
-        col = t.column("image_embedding").combine_chunks()
-        valid = col.is_valid().to_numpy(zero_copy_only=False)
-        m = col.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), -1)
+        m, valid = embedding_matrix(t.column("image_embedding"))
         m = m[valid]
         mats.append(m / np.linalg.norm(m, axis=1, keepdims=True))
         night = path.parent.name

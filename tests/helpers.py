@@ -52,6 +52,11 @@ def reference_embeddings(
     return i / np.linalg.norm(i), t / np.linalg.norm(t)
 
 
+def no_vector(vector: object) -> bool:
+    """A row without a vector: null (tables before zero vectors) or all zeros (since)."""
+    return vector is None or not np.any(np.asarray(vector, np.float32))
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)

@@ -57,14 +57,25 @@ def block_table(
 
 
 def embedding_array(emb: np.ndarray | None, mask: np.ndarray, dim: int, dtype: type) -> pa.Array:
-    """A fixed_size_list column, null where ``mask`` is false."""
-    typ = pa.list_(pa.from_numpy_dtype(dtype), dim)
+    """A fixed_size_list column with no nulls: all zeros where ``mask`` is false.
+
+    A row without a vector gets a zero vector, never a null: every Parquet client reads
+    a fixed_size_list column without nulls (pyarrow < 26, pandas, embedding-reader and
+    autofaiss cannot read one with them), and an embedding is never all zeros, so the
+    zeros still say "absent" (:func:`clipbatch.tables.vectors.embedding_matrix`).
+
+    >>> import numpy as np
+    >>> emb = np.array([[0.6, 0.8], [np.nan, np.nan]], np.float32)
+    >>> col = embedding_array(emb, np.array([True, False]), 2, np.float16)
+    >>> col.null_count, col.to_pylist()
+    (0, [[0.60009765625, 0.7998046875], [0.0, 0.0]])
+    """
+    n = len(mask)
     if emb is None or not mask.any():
-        return pa.nulls(len(mask), type=typ)
-    values = pa.array(np.ascontiguousarray(emb, dtype=dtype).reshape(-1))
-    if mask.all():
-        return pa.FixedSizeListArray.from_arrays(values, dim)
-    return pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(~mask))
+        values = np.zeros(n * dim, dtype)
+    else:
+        values = np.where(mask[:, None], emb, 0).astype(dtype, copy=False).reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(values), dim)
 
 
 def similarity(block: RowBlock) -> pa.Array:
