@@ -2,8 +2,10 @@
 
 reader -> :class:`RawSample` -> decode/preprocess -> :class:`PreparedSample`
 -> encode -> :class:`RowBlock` -> sink. Row statuses are stable codes
-(design.md §3): once a row has a non-ok status it still flows to the sink, with
-null embeddings, so every input row yields exactly one output row.
+(design.md §3): once a row has a non-ok status it still flows to the sink, without the
+embeddings its status rules out (stored as all-zero vectors: every Parquet reader reads
+them, where null fixed-size lists fail older ones), so every input row yields exactly one
+output row.
 """
 
 from __future__ import annotations
@@ -111,6 +113,11 @@ class RawSample:
     status: str = OK
     error: str | None = None
     image_uri: str | None = None  # table rows whose image must still be fetched
+    # Where the image is in its source, for showing a row later (``_members/``): a tar
+    # member's name with its data offset and size, or the reference a table row holds.
+    image_member: str | None = None
+    image_offset: int | None = None
+    image_size: int | None = None
     has_caption_field: bool = True  # False in image-only datasets: no caption expected
     has_image_field: bool = True  # False in caption-only datasets: no image expected
 
@@ -141,7 +148,7 @@ class RowBlock:
     """Rows ready to write, with embeddings already normalised and cast."""
 
     rows: list[PreparedSample]
-    image_embeddings: np.ndarray | None  # (n, D) with NaN rows where absent, or None
+    image_embeddings: np.ndarray | None  # (n, D), NaN rows where absent (zeros once written)
     text_embeddings: np.ndarray | None
     has_image: np.ndarray  # bool mask
     has_text: np.ndarray

@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from clipbatch.config import ModelConfig, StorageOptions
+from clipbatch.config import StorageOptions
 from clipbatch.errors import ConfigError
+from clipbatch.query.model import Recorded, TableModel
 from clipbatch.tables.table import OutputTable, TableError, open_tables
 from clipbatch.tables.vectors import embedding_matrix, normalize_rows
 
@@ -37,34 +38,9 @@ class Hit:
         return f"{self.table}/{self.key}" if self.table else self.key
 
 
-def model_config_for(
-    table: OutputTable | dict[str, Any], storage: StorageOptions | None = None
-) -> ModelConfig:
-    """The model that wrote ``table``, pinned to its recorded checkpoint sha256.
-
-    A transformers hub model named without a revision is pinned to the revision that wrote
-    the table, so a newer upload on the hub cannot answer the query. The caption limit is
-    the one the table was written with.
-    """
-    from clipbatch.models.names import HUB, parse_model_name
-
-    model = table.model_metadata() if isinstance(table, OutputTable) else table
-    name = model["name"]
-    parsed = parse_model_name(name)
-    hub_unpinned = parsed.family == "hf" and parsed.form == HUB and not parsed.revision
-    if hub_unpinned and model.get("revision"):
-        name = f"{name}@{model['revision']}"
-    limit = model.get("context_length")
-    return ModelConfig(
-        name=name,
-        checkpoint_sha256=model["checkpoint_sha256"],
-        max_caption_tokens=int(limit) if limit else None,
-        storage=storage or StorageOptions(),
-    )
-
-
 class TextQueryEncoder:
-    """Encodes queries with the table's own model, through the pipeline's text path.
+    """Encodes text queries with the table's own model (:class:`TableModel`): the one it
+    was written with, at its recorded precision and caption limit.
 
     ``table`` is the table, or the model metadata its files (or a kNN index) recorded.
     """
@@ -75,31 +51,13 @@ class TextQueryEncoder:
         device: str = "cpu",
         storage: StorageOptions | None = None,
     ) -> None:
-        from clipbatch.encode.encoder import ClipEncoder
-        from clipbatch.models.loading import load_model
-
-        meta = table.model_metadata() if isinstance(table, OutputTable) else table
-        config = model_config_for(meta, storage)
-        self.loaded = load_model(config, device)
-        if self.loaded.embed_dim != meta["embed_dim"]:
-            raise ConfigError(
-                f"model {meta['name']!r} has embedding dim {self.loaded.embed_dim}, "
-                f"the table {meta['embed_dim']}"
-            )
-        recorded = meta.get("config_sha256")
-        if recorded and recorded != self.loaded.checkpoint.config_sha256:
-            raise ConfigError(
-                f"model {meta['name']!r}: its config files (tokenizer, preprocessing) have "
-                f"sha256 {self.loaded.checkpoint.config_sha256}, the table was written with "
-                f"{recorded}"
-            )
-        self.encoder = ClipEncoder(
-            self.loaded, batch_size=64, context_tokens=config.max_caption_tokens
-        )
+        if isinstance(table, OutputTable):
+            self.model = TableModel.of(table, device, storage)
+        else:
+            self.model = TableModel(Recorded.of(table), device, storage)
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        emb, _ = self.encoder.encode_texts(list(texts))
-        return normalize_rows(emb)
+        return self.model.encode_texts(texts)[0]
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Where a table's files go (design.md §2): shard files, and per-process staging folders.
 
-``{dest}/{shard}.parquet`` is a committed shard; ``{dest}/_tmp/{run}__{host}__{pid}__{token}/``
+``{dest}/{shard}.parquet`` is a committed shard; ``{dest}/_members/{shard}.parquet`` says
+where each of its rows' images is in the source; ``{dest}/_tmp/{run}__{host}__{pid}__{token}/``
 is one writing process's staging folder (who owns it is in its name, so a later run can
 tell a crashed owner's leftovers from a live run's); local shard files are written as
 ``{tmp}/clipbatch-shard-{pid}-...`` first.
@@ -15,6 +16,10 @@ import uuid
 from clipbatch.io.storage import join
 
 TMP_DIR = "_tmp"
+# Where each row's image is in its source (tar member offsets, table references): what a
+# server needs to show a row with one ranged read. Bookkeeping beside the table, written
+# after its shard file; not part of any fingerprint.
+MEMBERS_DIR = "_members"
 SEP = "__"
 PROCESS_TOKEN = uuid.uuid4().hex[:8]
 LOCAL_PREFIX = "clipbatch-shard-"
@@ -31,6 +36,10 @@ def host_name() -> str:
 def staging_id(run_id: str) -> str:
     """This process's staging folder name for ``run_id``: who owns it is in the name."""
     return SEP.join((run_id.replace(SEP, "_"), host_name(), str(os.getpid()), PROCESS_TOKEN))
+
+
+def members_uri(dest: str, name: str) -> str:
+    return join(dest, MEMBERS_DIR, f"{name}.parquet")
 
 
 def staging_uri(dest: str, run_id: str, name: str) -> str:

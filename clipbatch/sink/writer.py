@@ -31,6 +31,7 @@ from clipbatch.io.storage import file_digests, get_fs, is_local_fs, move, read_p
 from clipbatch.records import RowBlock
 from clipbatch.sink.commits.segments import file_version
 from clipbatch.sink.layout import LOCAL_PREFIX, output_uri, staging_uri
+from clipbatch.sink.members import MemberLog
 from clipbatch.sink.rows import block_table
 from clipbatch.sink.schema import build_schema, decode_metadata, encode_metadata
 
@@ -70,6 +71,7 @@ class ShardWriter:
         self.source_version = source_version
         self.rows = 0
         self.counts: dict[str, int] = {}
+        self.members = MemberLog()
         # The pid in the name lets a later run remove what a killed process left here.
         fd, self._local = tempfile.mkstemp(
             prefix=f"{LOCAL_PREFIX}{os.getpid()}-{name}-", suffix=".parquet"
@@ -86,6 +88,7 @@ class ShardWriter:
         )
         self._writer.write_table(table, row_group_size=self.sink.row_group_size)
         self.rows += len(block.rows)
+        self.members.add(block.rows)
         for r in block.rows:
             self.counts[r.raw.status] = self.counts.get(r.raw.status, 0) + 1
 
@@ -126,6 +129,7 @@ class ShardWriter:
                 with contextlib.suppress(OSError):
                     os.rmdir(os.path.dirname(staged_path))
             info = with_retries(lambda: fs.info(final_path), f"stat {final}")
+            self.members.write(self.sink, self.name)
             return final, sha, file_version(info, fs, final_path)
         finally:
             self.discard_local()

@@ -129,7 +129,8 @@ class FolderReader:
         meta = self._json(files, sample)
         self._set_caption(sample, files, meta)
         if images:
-            got = files[images[0]][1]
+            rel, got = files[images[0]]
+            sample.image_member = rel  # relative to the shard's folder (source_uri)
             if got.data is not None:
                 sample.image_bytes = got.data
             else:

@@ -151,7 +151,7 @@ class TableReader:
     def _column_names(self, shard: ShardSpec) -> list[str]:
         if table_format(shard.uri) == "parquet":
             return list(self._parquet_schema(shard).names)
-        return list(self._text_table(shard)[0])
+        return list(self.text_table(shard)[0])
 
     def key_column(self, shard: ShardSpec) -> str | None:
         """``source.key_column``, else a column named ``key`` when the table has one."""
@@ -175,7 +175,7 @@ class TableReader:
                     continue  # bytes or {bytes, path}: the image itself, not metadata
                 fields.append(pa.field(passthrough_name(f.name), f.type))
             return fields
-        names, _ = self._text_table(shard)
+        names, _ = self.text_table(shard)
         return [pa.field(passthrough_name(n), pa.string()) for n in names if n not in consumed]
 
     # -- reading ---------------------------------------------------------------
@@ -196,7 +196,7 @@ class TableReader:
         if table_format(shard.uri) == "parquet":
             names = set(self._parquet_schema(shard).names)
         else:
-            names = set(self._text_table(shard)[0])
+            names = set(self.text_table(shard)[0])
             if table_format(shard.uri) == "jsonl":
                 return  # JSON objects may omit keys; a missing field is a row status
         wanted = {
@@ -213,7 +213,7 @@ class TableReader:
 
     def _rows(self, shard: ShardSpec) -> Iterator[tuple[int, dict[str, Any] | str]]:
         if table_format(shard.uri) != "parquet":
-            _, rows = self._text_table(shard)
+            _, rows = self.text_table(shard)
             yield from enumerate(rows)
             return
         fs, path = get_fs(shard.uri, self.source.storage)
@@ -240,7 +240,7 @@ class TableReader:
         first = row_range[0]
         return groups, first
 
-    def _text_table(self, shard: ShardSpec) -> tuple[list[str], list[dict[str, Any] | str]]:
+    def text_table(self, shard: ShardSpec) -> tuple[list[str], list[dict[str, Any] | str]]:
         """(column names, rows) of a CSV/JSONL shard; a row that cannot be parsed is a str."""
         if shard.uri in self._text_rows:
             return self._text_rows[shard.uri]
@@ -294,8 +294,9 @@ class TableReader:
                 sample.status, sample.error = problem
         ref: str | None = None
         if src.image_column:
-            data, ref, problem = self._image(row.get(src.image_column), shard)
+            data, ref, problem = self.image_cell(row.get(src.image_column), shard)
             sample.image_bytes, sample.image_uri = data, ref
+            sample.image_member = ref  # None when the image is bytes in the row
             if problem:
                 sample.status, sample.error = problem
         if count:
@@ -306,10 +307,11 @@ class TableReader:
             ref = None  # its row carries no embedding, so the image is not fetched
         return sample, ref
 
-    def _image(
+    def image_cell(
         self, value: Any, shard: ShardSpec
     ) -> tuple[bytes | None, str | None, tuple[str, str] | None]:
-        """(bytes, reference to fetch, problem) for one image cell."""
+        """(bytes, reference to fetch, problem) for one image cell (also what a server
+        showing a row of an older table reads again)."""
         if isinstance(value, dict):  # Hugging Face Image feature: {bytes, path}
             if value.get("bytes") is not None:
                 data = value["bytes"]

@@ -134,11 +134,12 @@ class WebDatasetReader:
         group_key: str | None = None
         group: dict[str, bytes] = {}
         group_unsafe: list[str] = []
+        where: dict[str, tarfile.TarInfo] = {}  # ext -> the member it came from
 
         def flush() -> Iterator[RawSample]:
             if group_key is None:
                 return
-            yield from self._make_rows(group_key, group, group_unsafe, seen, sidecar)
+            yield from self._make_rows(group_key, group, group_unsafe, seen, sidecar, where)
 
         # Reads resume where they were after a transient error (a reset mid-tar).
         with RetryingReader(
@@ -153,13 +154,14 @@ class WebDatasetReader:
                     key, ext = stem_and_ext(member.name)
                     if key != group_key:
                         yield from flush()
-                        group_key, group, group_unsafe = key, {}, []
+                        group_key, group, group_unsafe, where = key, {}, [], {}
                     if is_unsafe(member.name):
                         # Never extracted or written anywhere: we only record the name.
                         group_unsafe.append(member.name)
                         continue
                     data = tar.extractfile(member)
                     group[ext] = data.read() if data is not None else b""
+                    where[ext] = member
                 yield from flush()
                 group_key = None  # flushed: the damage path below must not flush it again
                 _check_end_of_archive(tar)
@@ -193,6 +195,7 @@ class WebDatasetReader:
         unsafe: list[str],
         seen: dict[str, int],
         sidecar: dict[str, dict[str, Any]],
+        where: dict[str, tarfile.TarInfo],
     ) -> Iterator[RawSample]:
         count = seen.get(key, 0)
         seen[key] = count + 1
@@ -221,6 +224,9 @@ class WebDatasetReader:
         for ext in self.image_exts:
             if ext in group:
                 sample.image_bytes = group[ext]
+                member = where[ext]
+                sample.image_member = member.name
+                sample.image_offset, sample.image_size = member.offset_data, member.size
                 break
         set_caption(
             sample,

@@ -17,6 +17,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("clipbatch_flows.cli.run", "embed a dataset (S3, any fsspec URL, or a local path)"),
     "deploy": ("clipbatch_flows.cli.deploy", "register the deployments with a Prefect server"),
     "models": ("clipbatch.cli.models", "list the model names clipbatch takes, by family"),
+    "export": (
+        "clipbatch.cli.export",
+        "write a table in clip-retrieval's layout (npy + metadata) for autofaiss and clip back",
+    ),
+    "serve": ("clipbatch.cli.serve", "serve a table: encoders, search and a page, over HTTP"),
     "search": ("clipbatch.cli.search", "text->image search over an output table"),
     "index": ("clipbatch.cli.index", "build or update the kNN indexes of a table (_knn/)"),
     "dedup": ("clipbatch.cli.dedup", "near-duplicate pairs from a table's kNN index"),

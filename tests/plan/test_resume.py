@@ -72,6 +72,7 @@ def test_a_finished_local_run_leaves_no_empty_bookkeeping(done):
     assert sorted(p.name for p in dest.iterdir() if p.name.startswith("_")) == [
         "_commits",
         "_lineage",
+        "_members",
     ]
 
 

@@ -65,6 +65,7 @@ def kind_of(ex: Exchange) -> str:
         (f"/{COMMITS_DIR}/", "index"),
         ("/_lineage/", "lineage"),
         ("/_tmp/", "staging"),
+        ("/_members/", "members"),
         (f"/{LEGACY_MANIFEST}", "manifest"),
     ):
         if marker in key:
@@ -146,7 +147,7 @@ def test_requests_and_bytes_per_shard_do_not_grow_with_the_dataset(
     assert big.requests_per_shard <= small.requests_per_shard, report
     assert big.bytes_per_shard <= 1.05 * small.bytes_per_shard, report
     # What each shard costs itself is exactly the same at both sizes.
-    for kind in ("source", "staging", "output"):
+    for kind in ("source", "staging", "output", "members"):
         assert big.by_kind[kind] * small.shards == small.by_kind[kind] * big.shards, (kind, report)
     # Bookkeeping (listings, index) is a handful of requests per run, not per shard: a
     # listing page holds 1,000 keys, so both sizes list in the same number of pages.
