@@ -9,12 +9,12 @@ BIN := $(VENV)/bin
 FLOOR ?= .venv-floor
 FLOOR_PYARROW ?= 17.0.0
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean system-deps
 
 demo: $(VENV)/.installed-base
 	$(BIN)/clipbatch demo
 
-test: $(VENV)/.installed-dev $(FLOOR)/.installed
+test: $(VENV)/.installed-dev $(FLOOR)/.installed system-deps
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed-dev
@@ -61,6 +61,20 @@ $(FLOOR)/.installed: pyproject.toml $(VENV)/.installed-dev
 	echo "import site; site.addsitedir('$$DEV_SITE')" > "$$FLOOR_SITE/zz-clipbatch-dev.pth"
 	$(FLOOR)/bin/python -c "import numpy, pyarrow, torch, clipbatch; assert numpy.__version__ < '2' and pyarrow.__version__ == '$(FLOOR_PYARROW)'; torch.from_numpy(numpy.ones(2))"
 	touch $@
+
+# Debian packages the tests drive for real: chromium (the page's browser test),
+# postgresql (the Prefect server's database under the deployment tests) and tini (the
+# image's init, in front of the entrypoint's signal test). Installed when
+# missing and this user may (root, with apt-get); otherwise those tests skip, saying so.
+system-deps:
+	@missing=""; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	[ -x /usr/bin/tini ] || missing="$$missing tini"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing$$missing (Debian packages the tests use)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 clean:
 	rm -rf $(VENV) $(FLOOR) build dist *.egg-info clipbatch-demo

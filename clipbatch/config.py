@@ -258,6 +258,20 @@ class RuntimeConfig(_Frozen):
     max_error_ratio: float = Field(
         1.0, ge=0.0, le=1.0, description="Fail a shard whose failed-row ratio exceeds this."
     )
+    retry_failed: bool = Field(
+        False,
+        description="Fetch again the rows of committed shards whose images failed for a "
+        "transient reason (status fetch_transient; fetch_error in tables written before "
+        "it existed). Only those rows are fetched and encoded; the others are carried over "
+        "from the committed file, which is rewritten through the commit protocol.",
+    )
+    max_fetch_attempts: int = Field(
+        3,
+        ge=1,
+        le=100,
+        description="A row that keeps failing transiently is fetched by at most this many "
+        "runs in all (each with its fetch_retries); then it stays failed.",
+    )
     task_retries: int = Field(3, ge=0, le=20, description="Task retries on transient errors.")
     retry_delay_seconds: float = Field(
         2.0, ge=0.0, le=600.0, description="Base delay for exponential task retry backoff."

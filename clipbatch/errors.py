@@ -60,6 +60,16 @@ class ShardTaskError(ClipbatchError):
         return (type(self), (str(self), self.results, self.transient))
 
 
+class RunStopped(BaseException):
+    """The run was stopped from outside (SIGTERM, SIGINT, a cancellation): committed shards
+    are kept, and a rerun goes on from them. A BaseException, like KeyboardInterrupt, so
+    no ``except Exception`` swallows it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class ChecksumMismatchError(ConfigError):
     """A checkpoint's sha256 differs from the one the user asked for."""
 

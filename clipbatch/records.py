@@ -31,13 +31,19 @@ ENCODE_ERROR = "encode_error"
 NOT_FOUND = "not_found"  # a referenced object or URL does not exist (missing key, HTTP 404/410)
 BAD_ROW = "bad_row"  # a table row that cannot be parsed (malformed JSONL line, ragged CSV row)
 BLOCKED_URL = "blocked_url"  # an image URL that resolves to a network the fetcher may not reach
+# A fetch that failed for a transient reason (timeout, reset, 5xx, throttling) after its
+# retries: a later run can fetch it again (`--retry-failed`). ``fetch_error`` is permanent
+# (401/403, DNS, a bad reference); in tables written before this status, it counts as
+# transient (within the attempt bound).
+FETCH_TRANSIENT = "fetch_transient"
+RETRYABLE_STATUSES = frozenset({FETCH_TRANSIENT})
 
 # A row with a caption problem still carries its image embedding, and a row with an
 # image problem still carries its text embedding: the status says what is missing.
 # The pipeline, the writer and `clipbatch inspect` all take the rule from here.
 IMAGE_KEEPING_STATUSES = frozenset({OK, MISSING_CAPTION, EMPTY_CAPTION, CAPTION_DECODE_ERROR})
 CAPTION_KEEPING_STATUSES = frozenset(
-    {MISSING_IMAGE, DECODE_ERROR, TOO_LARGE, FETCH_ERROR, NOT_FOUND, BLOCKED_URL}
+    {MISSING_IMAGE, DECODE_ERROR, TOO_LARGE, FETCH_ERROR, FETCH_TRANSIENT, NOT_FOUND, BLOCKED_URL}
 )
 
 
@@ -198,6 +204,7 @@ class ShardResult:
     file_version: str | None = (
         None  # the committed file's ETag / size+mtime (the index binds to it)
     )
+    retried: dict[str, int] | None = None  # a retry of failed rows: {rows, recovered}
 
     @property
     def ok_rows(self) -> int:
@@ -222,4 +229,5 @@ class ShardResult:
             "sha256": self.sha256,
             "error": self.error,
             "file_version": self.file_version,
+            **({"retried": dict(self.retried)} if self.retried else {}),
         }

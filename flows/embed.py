@@ -20,6 +20,7 @@ from clipbatch_flows.runners import shard_submitter
 from clipbatch_tasks.credentials import load_credentials
 from clipbatch_tasks.encode import encode_shards
 from prefect import flow
+from prefect.exceptions import TerminationSignal
 from prefect.futures import PrefectFuture, as_completed
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -27,7 +28,7 @@ from prefect.tasks import exponential_backoff
 from pydantic import Field
 
 from clipbatch.config import EmbedConfig
-from clipbatch.errors import ShardTaskError
+from clipbatch.errors import RunStopped, ShardTaskError
 from clipbatch.pipeline.devices import device_slots
 from clipbatch.pipeline.summary import RunFailedError, RunSummary
 from clipbatch.pipeline.worker import failed_result
@@ -58,6 +59,7 @@ def embed_dataset(
     model: str | None = None,
     device: str | None = None,
     overwrite: bool | None = None,
+    retry_failed: bool | None = None,
     partition: str | None = None,
     partition_timezone: str = "UTC",
     partition_offset_days: Annotated[int, Field(ge=-366, le=366)] = 0,
@@ -75,6 +77,8 @@ def embed_dataset(
         model: Overrides config.model.name (ViT-B/32, tiny, a checkpoint path or URI).
         device: Overrides config.runtime.device (auto, cpu, cuda, cuda:N).
         overwrite: Overrides config.sink.overwrite (redo shards whose output is current).
+        retry_failed: Overrides config.runtime.retry_failed: fetch again the rows of
+            committed shards whose images failed for a transient reason (only those).
         partition: Fills {partition} and {date} in the URLs; default: the scheduled date.
         partition_timezone: IANA timezone the scheduled start is read in (Europe/Berlin).
         partition_offset_days: Days added to the scheduled date; -1 embeds the day before.
@@ -84,7 +88,14 @@ def embed_dataset(
     logger = get_run_logger()
     run = resolve_config(
         config,
-        {"source": source, "dest": dest, "model": model, "device": device, "overwrite": overwrite},
+        {
+            "source": source,
+            "dest": dest,
+            "model": model,
+            "device": device,
+            "overwrite": overwrite,
+            "retry_failed": retry_failed,
+        },
         partition,
         partition_timezone,
         partition_offset_days,
@@ -111,7 +122,10 @@ def embed_dataset(
     for skipped in plan.skipped_results():
         observers.shard_finished(skipped)
         summary.add(skipped)
-    groups = shard_groups(plan.todo, config.runtime.shards_per_task)
+    groups = [(g, False) for g in shard_groups(plan.todo, config.runtime.shards_per_task)]
+    groups += [(g, True) for g in shard_groups(plan.retry, config.runtime.shards_per_task)]
+    if plan.retry:
+        logger.info("%d committed shard(s) have failed rows to fetch again", len(plan.retry))
     logger.info(
         "%d shard(s): %d to encode in %d task run(s), %d already done (model %s, sha256 %s…)",
         len(plan.shards),
@@ -144,7 +158,7 @@ def embed_dataset(
             )
     except BaseException as e:  # crashed or cancelled: lineage still says how far it got
         _close_quietly(index)
-        observers.run_finished(summary, e)
+        observers.run_finished(summary, _stopped(e))
         raise
     index.close()
     remove_empty_tmp(config.sink)  # no empty bookkeeping left behind
@@ -163,6 +177,14 @@ def embed_dataset(
     if error:
         raise error
     return summary.to_dict()
+
+
+def _stopped(error: BaseException) -> BaseException:
+    """A stop from outside (Prefect's TerminationSignal on SIGTERM, a cancellation,
+    SIGINT) as :class:`RunStopped`, which run records call cancelled, not failed."""
+    if isinstance(error, TerminationSignal | KeyboardInterrupt | RunStopped):
+        return RunStopped(f"stopped by {type(error).__name__}")
+    return error
 
 
 def shard_groups(shards: list[ShardSpec], per_task: int) -> list[list[ShardSpec]]:
@@ -187,7 +209,7 @@ def _close_quietly(index: IndexWriter) -> None:
 
 def _run_windowed(
     task: Any,
-    groups: list[list[ShardSpec]],
+    groups: list[tuple[list[ShardSpec], bool]],
     window: int,
     fingerprints: dict[str, str],
     config: EmbedConfig,
@@ -197,13 +219,15 @@ def _run_windowed(
 ) -> None:
     """Submit groups with at most ``window`` task runs in flight; report every shard."""
 
-    def start(group: list[ShardSpec]) -> PrefectFuture:
-        return task.submit(group, [fingerprints[s.name] for s in group], config, run_id, meta)
+    def start(item: tuple[list[ShardSpec], bool]) -> PrefectFuture:
+        group, retry = item
+        fps = [fingerprints[s.name] for s in group]
+        return task.submit(group, fps, config, run_id, meta, retry_failed=retry)
 
     def first_done(futures: list[PrefectFuture]) -> PrefectFuture:
         return next(as_completed(futures))
 
-    for group, done in completed(groups, start, window, first_done):
+    for (group, _), done in completed(groups, start, window, first_done):
         done.wait()
         if done.state.is_completed():
             results = list(done.result())

@@ -29,6 +29,7 @@ CONFIG_PATHS = {
     "model": "model.name",
     "device": "runtime.device",
     "overwrite": "sink.overwrite",
+    "retry_failed": "runtime.retry_failed",
     "source_kind": "source.kind",
     "checkpoint_sha256": "model.checkpoint_sha256",
     "precision": "runtime.precision",
@@ -41,7 +42,9 @@ CONFIG_PATHS = {
     "dtype": "sink.dtype",
 }
 # The flow's flat parameters: what `prefect deployment run --param` users set most.
-FLAT_OVERRIDES = {k: CONFIG_PATHS[k] for k in ("source", "dest", "model", "device", "overwrite")}
+FLAT_OVERRIDES = {
+    k: CONFIG_PATHS[k] for k in ("source", "dest", "model", "device", "overwrite", "retry_failed")
+}
 
 
 @dataclass(frozen=True)

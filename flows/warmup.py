@@ -246,6 +246,11 @@ class WarmStart:
             self.server.stop()  # a profile names a server after all
             self.server = None
 
+    def close(self) -> None:
+        """Stop the temporary server now (a stopped run: nothing more goes to it)."""
+        if self.server is not None:
+            self.server.stop()
+
     def preload_model(self) -> None:
         """Load the model (cached per process) while the server boots."""
         if self.config.runtime.devices:  # device workers load their own copies

@@ -55,20 +55,23 @@ def encode_shards(
     config: EmbedConfig,
     run_id: str,
     run_meta: dict[str, Any],
+    retry_failed: bool = False,
 ) -> list[ShardResult]:
+    """Encode and commit each shard; with ``retry_failed``, fetch the failed rows of each
+    (committed) shard again instead (:mod:`clipbatch.pipeline.retry`)."""
     logger = get_run_logger()
     load_credentials(config)  # this process may be a Dask or Ray worker: load blocks here
     retry = (task_run.get_run_count() or 1) > 1
     results: list[ShardResult] = []
     for shard, fingerprint in zip(shards, fingerprints, strict=True):
-        if retry:
+        if retry and not retry_failed:  # a retry of failed rows is idempotent by itself
             done = committed_result(shard, config, fingerprint)
             if done is not None:
                 logger.info("shard %s: committed by an earlier attempt", shard.name)
                 results.append(done)
                 continue
         try:
-            result = encode_one(shard, fingerprint, config, run_id, run_meta)
+            result = encode_one(shard, fingerprint, config, run_id, run_meta, retry_failed)
         except Exception as e:
             if is_transient(e):
                 raise ShardTaskError(
@@ -90,7 +93,12 @@ def encode_shards(
 
 
 def encode_one(
-    shard: ShardSpec, fingerprint: str, config: EmbedConfig, run_id: str, run_meta: dict[str, Any]
+    shard: ShardSpec,
+    fingerprint: str,
+    config: EmbedConfig,
+    run_id: str,
+    run_meta: dict[str, Any],
+    retry_failed: bool = False,
 ) -> ShardResult:
     """One shard: here, or on a free per-device worker process when runtime.devices is set."""
     logger = get_run_logger()
@@ -105,7 +113,7 @@ def encode_one(
         )
         ol.start()
     try:
-        result = run_shard_on_devices(shard, config, run_id, fingerprint, run_meta)
+        result = run_shard_on_devices(shard, config, run_id, fingerprint, run_meta, retry_failed)
     except BaseException as e:
         if ol is not None:
             ol.fail(e)

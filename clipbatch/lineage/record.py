@@ -27,6 +27,7 @@ from typing import Any
 
 from clipbatch import __version__
 from clipbatch.config import EmbedConfig
+from clipbatch.errors import RunStopped
 from clipbatch.io.storage import get_fs, join, read_bytes, write_bytes_atomic
 from clipbatch.lineage.redact import Redactor
 from clipbatch.pipeline.summary import RunSummary
@@ -172,6 +173,8 @@ class RunRecordWriter:
                     "seconds": round(result.seconds, 3),
                     "error": result.error,
                     "finished_at": utc_now(),
+                    # A retry of failed rows: how many were fetched again, how many are ok.
+                    **({"retried": dict(result.retried)} if result.retried else {}),
                 }
             )
             self._by_status[result.status] = self._by_status.get(result.status, 0) + 1
@@ -190,7 +193,12 @@ class RunRecordWriter:
         self._flush_outputs()
         with self._lock:
             self.record["ended_at"] = utc_now()
-            self.record["status"] = "completed" if error is None else "failed"
+            if error is None:
+                self.record["status"] = "completed"
+            elif isinstance(error, RunStopped | KeyboardInterrupt):
+                self.record["status"] = "cancelled"  # stopped from outside: rerun to resume
+            else:
+                self.record["status"] = "failed"
             if error is not None:
                 self.record["error"] = f"{type(error).__name__}: {error}"
             self.record["summary"] = {

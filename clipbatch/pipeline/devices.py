@@ -175,6 +175,7 @@ def _run_shard_on(
     fingerprint: str,
     run_meta: dict[str, Any],
     credentials: dict[str, Any] | None = None,
+    retry: bool = False,
 ) -> ShardResult:
     from clipbatch.io.credentials import install
     from clipbatch.pipeline.worker import run_shard
@@ -183,7 +184,7 @@ def _run_shard_on(
     runtime = config.runtime.model_copy(update={"device": device, "devices": ()})
     return run_shard(shard, config.model_copy(update={"runtime": runtime}), run_id, fingerprint, {
         **run_meta, "device": device, "worker_pid": os.getpid(),
-    })  # fmt: skip
+    }, retry)  # fmt: skip
 
 
 def device_pool(devices: Sequence[str]) -> DevicePool:
@@ -193,8 +194,8 @@ def device_pool(devices: Sequence[str]) -> DevicePool:
     with process.lock:
         pool = process.device_pools.get(resolved)
         if pool is None or pool.closed:
-            atexit.unregister(_close_pools)  # once, however many pools: close them at exit
-            atexit.register(_close_pools)
+            atexit.unregister(close_device_pools)  # once, however many pools: close them at exit
+            atexit.register(close_device_pools)
             pool = process.device_pools[resolved] = DevicePool(resolved, _run_shard_on)
             log.info("started %d device worker(s): %s", len(resolved), ", ".join(resolved))
         return pool
@@ -206,20 +207,24 @@ def run_shard_on_devices(
     run_id: str,
     fingerprint: str,
     run_meta: dict[str, Any] | None = None,
+    retry: bool = False,
 ) -> ShardResult:
-    """Encode one shard on a free device worker (``runtime.devices``), or here when none set."""
+    """Encode one shard (``retry``: its failed rows again) on a free device worker
+    (``runtime.devices``), or here when none is set."""
     if not config.runtime.devices:
         from clipbatch.pipeline.worker import run_shard
 
-        return run_shard(shard, config, run_id, fingerprint, run_meta)
+        return run_shard(shard, config, run_id, fingerprint, run_meta, retry)
     from clipbatch.io.credentials import registered
 
     pool = device_pool(config.runtime.devices)
     # Credentials loaded from a Prefect block travel to the worker process in memory.
-    return pool.run(shard, config, run_id, fingerprint, dict(run_meta or {}), registered())
+    meta = dict(run_meta or {})
+    return pool.run(shard, config, run_id, fingerprint, meta, registered(), retry)
 
 
-def _close_pools() -> None:
+def close_device_pools() -> None:
+    """Stop every device worker process of this process (at exit, or a stopped run)."""
     process = process_context()
     with process.lock:
         for pool in process.device_pools.values():

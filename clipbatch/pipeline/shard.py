@@ -8,6 +8,7 @@ by the shard's or the dataset's size.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -26,7 +27,7 @@ from clipbatch.pipeline.metadata import file_metadata
 from clipbatch.preprocess.batches import BatchDecoder
 from clipbatch.preprocess.decode import DecodeOptions
 from clipbatch.preprocess.device import gpu_decode_available
-from clipbatch.records import RowBlock, ShardResult, ShardSpec, StageTimings
+from clipbatch.records import RawSample, RowBlock, ShardResult, ShardSpec, StageTimings
 from clipbatch.sink.writer import ShardWriter
 from clipbatch.skiplog import SkipLogger
 from clipbatch.sources.base import ShardReader
@@ -54,19 +55,8 @@ class ShardContext:
 def process_shard(shard: ShardSpec, ctx: ShardContext, fingerprint: str) -> ShardResult:
     """Encode and commit one shard. Raises :class:`TooManyErrorsError` after committing."""
     cfg, timings, start = ctx.config, StageTimings(), time.perf_counter()
-    writer = ShardWriter(
-        cfg.sink,
-        shard.name,
-        ctx.run_id,
-        ctx.loaded.embed_dim,
-        ctx.reader.passthrough_fields(shard),
-        shard.uri,
-        shard.version,
-        metadata=file_metadata(shard, cfg, ctx.loaded, ctx.encoder, ctx.run_id, ctx.run_meta),
-        fingerprint=fingerprint,
-    )
+    writer = shard_writer(shard, ctx, fingerprint)
     skips = SkipLogger(log, shard.name)
-    size = ctx.encoder.batch_size
     writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"write-{shard.name}")
 
     def write(block: RowBlock) -> None:
@@ -76,16 +66,7 @@ def process_shard(shard: ShardSpec, ctx: ShardContext, fingerprint: str) -> Shar
             ctx.progress(len(block.rows))
 
     try:
-        with (
-            prefetch(
-                timed_iter(ctx.reader.read(shard), timings), 4 * size, f"read-{shard.name}"
-            ) as rows,
-            BatchDecoder(
-                decode_options(ctx), ctx.encoder, decode_workers(cfg), shard.name
-            ) as decoder,
-        ):
-            decoded = ordered(chunked(rows, size), decoder.submit, ahead=2)
-            blocks = (_encode(f.result(), ctx, skips, timings) for _, f in decoded)
+        with encoded_blocks(ctx.reader.read(shard), ctx, shard.name, timings, skips) as blocks:
             for _, done in ordered(blocks, lambda b: writes.submit(write, b), ahead=2):
                 done.result()  # type: ignore[union-attr]
         with timed(timings, "write"):
@@ -115,6 +96,41 @@ def process_shard(shard: ShardSpec, ctx: ShardContext, fingerprint: str) -> Shar
             shard.name, result.failed_rows, result.rows, cfg.runtime.max_error_ratio
         )
     return result
+
+
+def shard_writer(shard: ShardSpec, ctx: ShardContext, fingerprint: str) -> ShardWriter:
+    """The writer of ``shard``'s file, with its file metadata (model, options, run)."""
+    cfg = ctx.config
+    return ShardWriter(
+        cfg.sink,
+        shard.name,
+        ctx.run_id,
+        ctx.loaded.embed_dim,
+        ctx.reader.passthrough_fields(shard),
+        shard.uri,
+        shard.version,
+        metadata=file_metadata(shard, cfg, ctx.loaded, ctx.encoder, ctx.run_id, ctx.run_meta),
+        fingerprint=fingerprint,
+    )
+
+
+@contextlib.contextmanager
+def encoded_blocks(
+    rows: Iterable[RawSample],
+    ctx: ShardContext,
+    name: str,
+    timings: StageTimings,
+    skips: SkipLogger,
+) -> Iterator[Iterator[RowBlock]]:
+    """``rows`` read ahead in a thread, decoded a batch ahead on the pool, encoded: blocks
+    of rows ready to write, in order. Leaving the block stops the reader and the pool."""
+    size = ctx.encoder.batch_size
+    with (
+        prefetch(timed_iter(rows, timings), 4 * size, f"read-{name}") as ahead,
+        BatchDecoder(decode_options(ctx), ctx.encoder, decode_workers(ctx.config), name) as decoder,
+    ):
+        decoded = ordered(chunked(ahead, size), decoder.submit, ahead=2)
+        yield (_encode(f.result(), ctx, skips, timings) for _, f in decoded)
 
 
 def _encode(decoded: Any, ctx: ShardContext, skips: SkipLogger, timings: StageTimings) -> RowBlock:

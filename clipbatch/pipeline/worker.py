@@ -18,6 +18,7 @@ from clipbatch.config import EmbedConfig, SourceConfig
 from clipbatch.encode.encoder import ClipEncoder
 from clipbatch.faults import crash_point
 from clipbatch.models.loading import LoadedModel, load_model
+from clipbatch.pipeline.retry import retry_shard
 from clipbatch.pipeline.shard import ShardContext, process_shard
 from clipbatch.plan.planner import RunPlan, commit_record
 from clipbatch.process import process_context
@@ -103,11 +104,16 @@ def run_shard(
     run_id: str,
     fingerprint: str,
     run_meta: dict[str, Any] | None = None,
+    retry: bool = False,
 ) -> ShardResult:
-    """Encode and commit one shard. Its index record is written by whoever collects the
+    """Encode and commit one shard (``retry``: fetch its failed rows again, see
+    :mod:`clipbatch.pipeline.retry`). Its index record is written by whoever collects the
     result (the flow, or :func:`run_plan`), in batches: see :mod:`clipbatch.sink.commits`."""
     ctx = shard_context(config, run_id, run_meta, shard.kind)
-    result = process_shard(shard, ctx, fingerprint)
+    if retry:
+        result = retry_shard(shard, ctx, fingerprint, config.runtime.max_fetch_attempts)
+    else:
+        result = process_shard(shard, ctx, fingerprint)
     crash_point("before_index", shard.name)
     return result
 
@@ -121,10 +127,14 @@ def run_plan(
     assert plan.config is not None
     index = IndexWriter(plan.config.sink, run_id)
     results = []
+    work = [(s, False) for s in plan.todo] + [(s, True) for s in plan.retry]
     try:
-        for shard in plan.todo:
-            result = run_shard(shard, plan.config, run_id, plan.fingerprints[shard.name])
-            index.add(commit_record(result, run_id))
+        for shard, retry in work:
+            result = run_shard(
+                shard, plan.config, run_id, plan.fingerprints[shard.name], retry=retry
+            )
+            if result.status == "committed":
+                index.add(commit_record(result, run_id))
             results.append(result)
             if on_result is not None:
                 on_result(result)

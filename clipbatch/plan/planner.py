@@ -27,7 +27,7 @@ from clipbatch.plan.fingerprint import (
     effective_precision,
     shard_fingerprint,
 )
-from clipbatch.records import ShardResult, ShardSpec
+from clipbatch.records import FETCH_ERROR, FETCH_TRANSIENT, ShardResult, ShardSpec
 from clipbatch.sink.commits.index import IndexView, listed_versions, load_index
 from clipbatch.sink.commits.segments import CommitRecord, records_table, utc_stamp, write_segment
 from clipbatch.sink.layout import output_uri
@@ -35,6 +35,8 @@ from clipbatch.sink.writer import read_file_metadata
 from clipbatch.sources.registry import discover
 
 log = logging.getLogger(__name__)
+
+FETCHING_KINDS = frozenset({"table", "folder"})  # sources whose rows fetch their images
 
 
 @dataclass
@@ -67,6 +69,7 @@ class RunPlan:
     config: EmbedConfig | None = None
     todo: list[ShardSpec] = field(default_factory=list)
     skipped: list[ShardSpec] = field(default_factory=list)
+    retry: list[ShardSpec] = field(default_factory=list)  # committed, with rows to fetch again
     index: IndexView | None = None
     adopted: dict[str, CommitRecord] = field(default_factory=dict)
     stats: PlanStats = field(default_factory=PlanStats)
@@ -189,7 +192,29 @@ def plan_shards(
         log.info("adopting %d committed shard(s) missing from the index", len(plan.adopted))
         name = f"adopt-{utc_stamp()}-{uuid.uuid4().hex[:8]}.parquet"
         write_segment(config.sink, name, records_table(plan.adopted.values()))
+    if config.runtime.retry_failed:
+        _pick_retries(plan, kind)
     return plan
+
+
+def _pick_retries(plan: RunPlan, kind: str) -> None:
+    """Skipped shards whose committed rows failed to fetch: from the records' per-status
+    counts (the index, or the footers adopted), never by reading the files. Only table
+    and folder sources fetch images. (Which rows, and whether their attempts are spent,
+    the retry reads from the file itself.)"""
+    if kind not in FETCHING_KINDS:
+        return
+    keep = []
+    for shard in plan.skipped:
+        record = plan.record(shard.name)
+        counts = record.counts if record is not None else {}
+        if counts.get(FETCH_TRANSIENT) or counts.get(FETCH_ERROR):
+            plan.retry.append(shard)
+        else:
+            keep.append(shard)
+    plan.skipped = keep
+    if plan.retry:
+        log.info("%d committed shard(s) have rows to fetch again", len(plan.retry))
 
 
 def _accepted(

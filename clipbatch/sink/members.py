@@ -54,6 +54,13 @@ class MemberLog:
             self.offsets.append(raw.image_offset)
             self.sizes.append(raw.image_size)
 
+    def add_table(self, table: pa.Table) -> None:
+        """Entries read back from a shard's ``_members/`` (rows a retry carries over)."""
+        self.keys += table.column("key").to_pylist()
+        self.members += table.column("member").to_pylist()
+        self.offsets += table.column("offset").to_pylist()
+        self.sizes += table.column("size").to_pylist()
+
     def __len__(self) -> int:
         return len(self.keys)
 

@@ -28,7 +28,7 @@ from clipbatch.errors import ShardVerificationError
 from clipbatch.faults import crash_point
 from clipbatch.io.retry import with_retries
 from clipbatch.io.storage import file_digests, get_fs, is_local_fs, move, read_parquet_metadata
-from clipbatch.records import RowBlock
+from clipbatch.records import FETCH_ERROR, FETCH_TRANSIENT, RowBlock
 from clipbatch.sink.commits.segments import file_version
 from clipbatch.sink.layout import LOCAL_PREFIX, output_uri, staging_uri
 from clipbatch.sink.members import MemberLog
@@ -36,6 +36,8 @@ from clipbatch.sink.rows import block_table
 from clipbatch.sink.schema import build_schema, decode_metadata, encode_metadata
 
 log = logging.getLogger(__name__)
+
+FETCH_FAILURES = frozenset({FETCH_TRANSIENT, FETCH_ERROR})
 
 
 class ShardWriter:
@@ -72,6 +74,8 @@ class ShardWriter:
         self.rows = 0
         self.counts: dict[str, int] = {}
         self.members = MemberLog()
+        # key -> runs that fetched a row's image and failed (``retry_failed`` reads it back).
+        self.fetch_attempts: dict[str, int] = {}
         # The pid in the name lets a later run remove what a killed process left here.
         fd, self._local = tempfile.mkstemp(
             prefix=f"{LOCAL_PREFIX}{os.getpid()}-{name}-", suffix=".parquet"
@@ -91,6 +95,18 @@ class ShardWriter:
         self.members.add(block.rows)
         for r in block.rows:
             self.counts[r.raw.status] = self.counts.get(r.raw.status, 0) + 1
+            if r.raw.status in FETCH_FAILURES:
+                self.fetch_attempts.setdefault(r.raw.key, 1)
+
+    def write_table(self, table: pa.Table) -> None:
+        """Rows already in the table's schema (a retry carries committed rows over). Their
+        image locations and fetch attempts are the caller's to set."""
+        if not table.num_rows:
+            return
+        self._writer.write_table(table.cast(self.schema), row_group_size=self.sink.row_group_size)
+        self.rows += table.num_rows
+        for status in table.column("status").to_pylist():
+            self.counts[status] = self.counts.get(status, 0) + 1
 
     # -- committing ------------------------------------------------------------
     def close_and_commit(self) -> tuple[str, str, str]:
@@ -105,6 +121,7 @@ class ShardWriter:
             **self.metadata,
             "rows": self.rows,
             "counts": dict(self.counts),
+            "fetch_attempts": dict(sorted(self.fetch_attempts.items())),
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         self._writer.add_key_value_metadata(encode_metadata(metadata))

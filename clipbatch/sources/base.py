@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Protocol
 
 import pyarrow as pa
@@ -25,8 +25,10 @@ class ShardReader(Protocol):
         """Extra columns this shard's rows carry in ``RawSample.extra``, with stable types."""
         ...
 
-    def read(self, shard: ShardSpec) -> Iterator[RawSample]:
-        """Yield every row of ``shard``; bad rows come with a non-ok status, never silently dropped."""
+    def read(self, shard: ShardSpec, keys: Collection[str] | None = None) -> Iterator[RawSample]:
+        """Yield every row of ``shard``; bad rows come with a non-ok status, never silently
+        dropped. With ``keys``, only those rows, and no other row's image is fetched (a
+        retry of failed rows)."""
         ...
 
 

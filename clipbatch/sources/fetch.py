@@ -4,7 +4,9 @@ Used by the table and folder readers. A fetch never raises for a bad reference: 
 returns a row status. URLs reach public addresses only, unless ``allow_networks`` names
 more (:mod:`clipbatch.sources.netguard`); a refused one is ``blocked_url``. Transient failures (timeouts, connection resets, HTTP 408/429/5xx,
 throttling) are retried a bounded number of times with jittered backoff; a missing
-object or an HTTP 404/410 is ``not_found`` at once; everything else is ``fetch_error``.
+object or an HTTP 404/410 is ``not_found`` at once; a transient failure that outlasted its
+retries is ``fetch_transient`` (a later run can try again: ``--retry-failed``); everything
+else is ``fetch_error``, which no run fetches again.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from clipbatch.config import SourceConfig
-from clipbatch.errors import ConfigError
+from clipbatch.errors import ConfigError, is_transient
 from clipbatch.io.retry import RetryPolicy, retrying
 from clipbatch.io.storage import get_fs, is_http_url
-from clipbatch.records import BLOCKED_URL, FETCH_ERROR, NOT_FOUND, TOO_LARGE
+from clipbatch.records import BLOCKED_URL, FETCH_ERROR, FETCH_TRANSIENT, NOT_FOUND, TOO_LARGE
 from clipbatch.sources.netguard import AddressPolicy, BlockedAddressError, guarded_opener
 from clipbatch.window import ordered
 
@@ -111,7 +113,8 @@ class Fetcher:
             return Fetched(status=FETCH_ERROR, error=f"{ref}: {e}")
         except Exception as e:  # noqa: BLE001 - every failure becomes a row status
             tries = f" after {attempts} attempts" if attempts > 1 else ""
-            return Fetched(status=FETCH_ERROR, error=f"{ref}: {_describe(e)}{tries}")
+            status = FETCH_TRANSIENT if is_transient(e) else FETCH_ERROR
+            return Fetched(status=status, error=f"{ref}: {_describe(e)}{tries}")
 
     def _get(self, ref: str) -> bytes:
         if is_http_url(ref):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -102,12 +102,15 @@ class FolderReader:
         return [pa.field("json", pa.string())]
 
     # -- reading ---------------------------------------------------------------
-    def read(self, shard: ShardSpec) -> Iterator[RawSample]:
+    def read(self, shard: ShardSpec, keys: Collection[str] | None = None) -> Iterator[RawSample]:
         groups: dict[str, dict[str, str]] = {}
         for rel in shard.members:
             stem, ext = split_name(rel)
             groups.setdefault(stem, {})[ext] = rel
         stems = sorted(groups)
+        if keys is not None:  # a key is its stem, or stem#dupN for a second image
+            wanted = {k.split("#dup", 1)[0] for k in keys}
+            stems = [s for s in stems if s in wanted]
         base = shard.uri.rstrip("/")
         for i in range(0, len(stems), _READ_CHUNK):
             chunk = stems[i : i + _READ_CHUNK]
@@ -115,7 +118,9 @@ class FolderReader:
             fetched = dict(zip(refs, self.fetcher.fetch_many(refs), strict=True))
             for stem in chunk:
                 files = {ext: (rel, fetched[f"{base}/{rel}"]) for ext, rel in groups[stem].items()}
-                yield from self._rows(stem, files)
+                for sample in self._rows(stem, files):
+                    if keys is None or sample.key in keys:
+                        yield sample
 
     def _rows(self, stem: str, files: dict[str, tuple[str, Any]]) -> Iterator[RawSample]:
         images = [e for e in self.image_exts if e in files]

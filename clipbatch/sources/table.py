@@ -26,7 +26,7 @@ import io
 import json
 import logging
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -179,10 +179,12 @@ class TableReader:
         return [pa.field(passthrough_name(n), pa.string()) for n in names if n not in consumed]
 
     # -- reading ---------------------------------------------------------------
-    def read(self, shard: ShardSpec) -> Iterator[RawSample]:
+    def read(self, shard: ShardSpec, keys: Collection[str] | None = None) -> Iterator[RawSample]:
         self._check_columns(shard)
         seen: dict[str, int] = {}
         samples = (self._sample(shard, index, row, seen) for index, row in self._rows(shard))
+        if keys is not None:  # keys are given after every row's dedupe, so all are parsed
+            samples = (s for s in samples if s[0].key in keys)
         for sample, got in self.fetcher.fetch_ordered(samples):
             if got is not None:
                 if got.data is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -127,7 +127,12 @@ class WebDatasetReader:
         return rows
 
     # -- reading ---------------------------------------------------------------
-    def read(self, shard: ShardSpec) -> Iterator[RawSample]:
+    def read(self, shard: ShardSpec, keys: Collection[str] | None = None) -> Iterator[RawSample]:
+        for sample in self._read(shard):
+            if keys is None or sample.key in keys:
+                yield sample
+
+    def _read(self, shard: ShardSpec) -> Iterator[RawSample]:
         sidecar = self._sidecar_rows(shard)
         fs, path = get_fs(shard.uri, self.source.storage)
         seen: dict[str, int] = {}

@@ -1,19 +1,69 @@
-"""Run the Prefect flow from the CLI, with a progress bar, and print its summary."""
+"""Run the Prefect flow from the CLI, with a progress bar, and print its summary.
+
+**A clean stop.** SIGTERM (Kubernetes eviction, spot reclaim, ``kill``) or SIGINT stops
+the run: the flow records what was committed (commit index, run record marked
+``cancelled``), then this process stops every child it started (Prefect's temporary
+server, per-device workers) and exits (143 or 130) without waiting for the shard in
+flight, whose staged file the next run removes. Before, SIGTERM left the temporary
+server running, reparented to init.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import signal
+from collections.abc import Iterator
 from typing import Any
 
 from clipbatch.config import EmbedConfig
+from clipbatch.errors import RunStopped
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM raises :class:`RunStopped` in the main thread. Prefect's own handler, which
+    it installs around a flow run, hands the signal on to this one when its run has
+    recorded the crash, so the stop still reaches us (and no child is left behind)."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise RunStopped(signal.Signals(signum).name)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: nothing to install
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def execute(
     config: EmbedConfig, progress: bool = False, verbose: bool = False
 ) -> tuple[dict[str, Any], str | None]:
     """Run ``embed_dataset`` in this process. Returns (summary, error message or None)."""
+    with stop_on_sigterm():
+        return _execute(config, progress, verbose)
+
+
+def _execute(
+    config: EmbedConfig, progress: bool, verbose: bool
+) -> tuple[dict[str, Any], str | None]:
     from clipbatch_flows.warmup import WarmStart
 
     warm = WarmStart(config, verbose)  # Prefect's temporary server boots while we import and load
+    try:
+        return _run_flow(config, progress, warm)
+    except (RunStopped, KeyboardInterrupt):
+        warm.close()  # the temporary server, now: the process exits without waiting
+        from clipbatch.pipeline.devices import close_device_pools
+
+        close_device_pools()
+        raise
+
+
+def _run_flow(config: EmbedConfig, progress: bool, warm: Any) -> tuple[dict[str, Any], str | None]:
     from clipbatch_flows.embed import embed_dataset
 
     from clipbatch.pipeline.summary import RunFailedError

@@ -9,7 +9,10 @@ import sys
 from collections.abc import Callable
 
 from clipbatch import __version__
-from clipbatch.errors import ClipbatchError
+from clipbatch.errors import ClipbatchError, RunStopped
+
+INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+STOPPED_BY_SIGNAL = 143  # 128 + SIGTERM
 
 # Each entry: (module, help). A module exposes add_arguments(parser) and run(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -72,14 +75,21 @@ def main(argv: list[str] | None = None) -> int:
         where = e.filename2 if e.filename2 is not None else e.filename
         print(f"clipbatch: error: {where}: {e.strerror or e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("clipbatch: interrupted; committed shards are kept, rerun to resume", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, RunStopped) as e:
+        why = "interrupted" if isinstance(e, KeyboardInterrupt) else f"stopped ({e})"
+        print(f"clipbatch: {why}; committed shards are kept, rerun to resume", file=sys.stderr)
+        return STOPPED_BY_SIGNAL if isinstance(e, RunStopped) else INTERRUPTED
 
 
 def console_main() -> None:
     """The ``clipbatch`` console script: :func:`main`, then a quick exit."""
     code = main()
+    if code in (INTERRUPTED, STOPPED_BY_SIGNAL):
+        # Stopped: the children are gone and what was committed is recorded. Shard threads
+        # still encoding would hold the exit until their shards end (minutes): don't wait.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     # The interpreter's last act is a full garbage collection over every object that torch,
     # Prefect and pydantic created: about 1.5 s of a 10 s CLI run on 2 cores, to free memory
     # the OS takes back anyway. Freezing skips only that pass; atexit hooks (Prefect's log

@@ -70,6 +70,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--overwrite", action="store_true", default=None, help="redo shards even if done"
     )
+    p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        default=None,
+        help="fetch again the rows of committed shards whose images failed transiently "
+        "(fetch_transient), and only those; the rest is carried over, not re-encoded",
+    )
     p.add_argument("--endpoint-url", help="S3-compatible endpoint for source, sink and model")
     p.add_argument(
         "--set",

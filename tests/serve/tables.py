@@ -31,10 +31,12 @@ def tiny_config(source: str | dict, dest: str, storage: dict | None = None) -> E
     )
 
 
-def webdataset_with_failures(root: Path, shards: int = 2, per_shard: int = 12) -> list[Path]:
+def webdataset_with_failures(
+    root: Path, shards: int = 2, per_shard: int = 12, seed: int = 11
+) -> list[Path]:
     """Synthetic shards, plus in the first one a caption without an image and an image
     that is not one (rows with a failed image: text vector only)."""
-    paths = write_webdataset(root, shards=shards, per_shard=per_shard, seed=11, size=64)
+    paths = write_webdataset(root, shards=shards, per_shard=per_shard, seed=seed, size=64)
     with tarfile.open(paths[0], "a") as tar:
         for name, data in (
             ("zz-no-image.txt", b"a caption whose image is missing"),

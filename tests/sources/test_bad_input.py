@@ -41,6 +41,7 @@ NO_IMAGE = {
     "too_large",
     "missing_image",
     "fetch_error",
+    "fetch_transient",
     "not_found",
     "duplicate_key",
     "unsafe_path",
