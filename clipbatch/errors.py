@@ -31,6 +31,11 @@ class ShardVerificationError(ClipbatchError):
     """A staged shard file does not match what was written (rows, schema)."""
 
 
+class DiskFullError(ClipbatchError):
+    """The local disk a shard is written to first is full. Not retried: the same disk
+    stays full; free space (or point TMPDIR at a larger disk) and rerun."""
+
+
 class TooManyErrorsError(ClipbatchError):
     """A shard's failed-row ratio exceeded ``max_error_ratio``; its rows were still written."""
 
@@ -138,7 +143,9 @@ def is_transient(exc: BaseException | None) -> bool:
             return True
         if isinstance(exc, ShardTaskError):
             return exc.transient
-        if isinstance(exc, ConfigError | TooManyErrorsError | ShardVerificationError):
+        if isinstance(
+            exc, ConfigError | TooManyErrorsError | ShardVerificationError | DiskFullError
+        ):
             return False
         if isinstance(exc, socket.timeout | TimeoutError | ConnectionError):
             return True

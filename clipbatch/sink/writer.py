@@ -14,17 +14,20 @@ retried flow run (same run id) or several worker processes never share one;
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipbatch.config import SinkConfig
-from clipbatch.errors import ShardVerificationError
+from clipbatch.errors import DiskFullError, ShardVerificationError
 from clipbatch.faults import crash_point
 from clipbatch.io.retry import with_retries
 from clipbatch.io.storage import file_digests, get_fs, is_local_fs, move, read_parquet_metadata
@@ -81,7 +84,8 @@ class ShardWriter:
             prefix=f"{LOCAL_PREFIX}{os.getpid()}-{name}-", suffix=".parquet"
         )
         os.close(fd)
-        self._writer = pq.ParquetWriter(self._local, self.schema, compression="zstd")
+        with self._disk_full_says_so():
+            self._writer = pq.ParquetWriter(self._local, self.schema, compression="zstd")
 
     # -- writing ---------------------------------------------------------------
     def write(self, block: RowBlock) -> None:
@@ -90,7 +94,8 @@ class ShardWriter:
         table = block_table(
             block, self.schema, self.passthrough, self.source_uri, self.source_version
         )
-        self._writer.write_table(table, row_group_size=self.sink.row_group_size)
+        with self._disk_full_says_so():
+            self._writer.write_table(table, row_group_size=self.sink.row_group_size)
         self.rows += len(block.rows)
         self.members.add(block.rows)
         for r in block.rows:
@@ -103,7 +108,10 @@ class ShardWriter:
         image locations and fetch attempts are the caller's to set."""
         if not table.num_rows:
             return
-        self._writer.write_table(table.cast(self.schema), row_group_size=self.sink.row_group_size)
+        with self._disk_full_says_so():
+            self._writer.write_table(
+                table.cast(self.schema), row_group_size=self.sink.row_group_size
+            )
         self.rows += table.num_rows
         for status in table.column("status").to_pylist():
             self.counts[status] = self.counts.get(status, 0) + 1
@@ -124,8 +132,9 @@ class ShardWriter:
             "fetch_attempts": dict(sorted(self.fetch_attempts.items())),
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        self._writer.add_key_value_metadata(encode_metadata(metadata))
-        self._writer.close()
+        with self._disk_full_says_so():
+            self._writer.add_key_value_metadata(encode_metadata(metadata))
+            self._writer.close()
         try:
             sha, md5 = file_digests(self._local, ("sha256", "md5"))
             verify_parquet(self._local, None, self.rows, self.schema, fingerprint)
@@ -150,6 +159,23 @@ class ShardWriter:
             return final, sha, file_version(info, fs, final_path)
         finally:
             self.discard_local()
+
+    @contextlib.contextmanager
+    def _disk_full_says_so(self) -> Iterator[None]:
+        """A full local disk as :class:`DiskFullError`, naming the path and the free space
+        (pyarrow reports it as an OSError whose message says so)."""
+        try:
+            yield
+        except OSError as e:
+            if e.errno != errno.ENOSPC and "no space left" not in str(e).lower():
+                raise
+            folder = os.path.dirname(self._local)
+            free = shutil.disk_usage(folder).free
+            raise DiskFullError(
+                f"shard {self.name}: no space left on the local disk writing {self._local} "
+                f"({free:,} bytes free in {folder}); free space there, or point TMPDIR at a "
+                "larger disk, and rerun (committed shards are kept)"
+            ) from e
 
     def _verify_staged(self, fs: Any, path: str, md5: str, fingerprint: str) -> None:
         """The staged object is the verified local file, byte for byte.
