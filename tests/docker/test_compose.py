@@ -8,6 +8,7 @@ prefect.yaml, the settings Prefect knows and the variables botocore and clipbatc
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from typing import Any
@@ -17,6 +18,7 @@ import jsonschema
 import pytest
 import yaml
 
+from clipbatch.errors import ConfigError
 from tests.paths import REPO
 
 pytestmark = pytest.mark.timeout(60)
@@ -110,7 +112,7 @@ def _prefect_setting_names() -> set[str]:
 
 def test_services_wire_together(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"postgres", "prefect-server", "minio", "minio-init", "worker"}
+    assert set(services) == {"postgres", "prefect-server", "minio", "minio-init", "worker", "serve"}
     pg, server, minio, worker = (
         services[s] for s in ("postgres", "prefect-server", "minio", "worker")
     )
@@ -256,3 +258,29 @@ def test_gpu_job_templates(name: str, dockerfile) -> None:
         uid = re.search(r"ARG UID=(\d+)", (DOCKER / "Dockerfile").read_text()).group(1)
         pod = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsUser"] == int(uid)
+
+
+def test_the_serve_service_binds_beyond_loopback_only_with_a_token(compose: dict[str, Any]) -> None:
+    """`clipbatch serve` in compose binds 0.0.0.0 in its container, so the settings it gets
+    must carry a token (or it refuses to start); the host publishes it on loopback only,
+    and it reads the nightly tables from MinIO as the worker writes them."""
+    from clipbatch.cli.serve import add_arguments
+    from clipbatch.serve.settings import ServeSettings
+
+    serve, worker = compose["services"]["serve"], compose["services"]["worker"]
+    argv = serve["command"]
+    assert argv[:2] == ["clipbatch", "serve"]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(argv[2:])
+    token = _default(_env(serve)["CLIPBATCH_SERVE_TOKEN"])
+    ServeSettings(root=args.root, host=args.host, token=token).check()
+    with pytest.raises(ConfigError):
+        ServeSettings(root=args.root, host=args.host).check()
+    assert serve["ports"] == [f"127.0.0.1:{args.port}:{args.port}"]
+    assert _env(serve)["AWS_ENDPOINT_URL_S3"] == _env(worker)["AWS_ENDPOINT_URL_S3"]
+    nightly = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+    [embed] = [d for d in nightly["deployments"] if d["name"] == "embed-nightly"]
+    dest = embed["parameters"]["config"]["sink"]["url"]
+    assert dest.startswith(args.root + "/date=")  # the nightly partitions' root
+    assert serve["image"] == worker["image"]
