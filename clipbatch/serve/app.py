@@ -55,7 +55,7 @@ from clipbatch.query.model import Recorded, TableModel
 from clipbatch.records import OK, TOO_LARGE
 from clipbatch.serve.batching import DynamicBatcher
 from clipbatch.serve.catalog import RowNotFound
-from clipbatch.serve.images import THUMBNAIL_SIZES, ImageService
+from clipbatch.serve.images import THUMBNAIL_SIZES, ImageService, NotAnImageError
 from clipbatch.serve.search import RootSearch
 from clipbatch.serve.settings import ServeSettings
 from clipbatch.tables.row_images import NoImageError, RowImageError, RowImages, SourceChangedError
@@ -180,6 +180,7 @@ def _errors(app: FastAPI) -> None:
     app.add_exception_handler(RowNotFound, handler(404))
     app.add_exception_handler(NoImageError, handler(404))
     app.add_exception_handler(SourceChangedError, handler(409))
+    app.add_exception_handler(NotAnImageError, handler(415))
     app.add_exception_handler(RowImageError, handler(502))
     app.add_exception_handler(ConfigError, handler(400))
     app.add_exception_handler(ClipbatchError, handler(400))
@@ -255,7 +256,8 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         failed rows with their errors."""
         out = catalog.overview(failed_limit=failed)
         for row in out["failed"]:
-            row.update(links(catalog.find(row["key"], row["table"])))
+            i = catalog.find(row["key"], row["table"])
+            row.update(links(i), has_image=catalog.rows.column("image_sha256")[i].is_valid)
         return out
 
     @app.post("/api/encode/text")
@@ -320,13 +322,21 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         k: Annotated[int, Form(ge=1, le=MAX_K)] = 24,
         statuses: Annotated[str | None, Form(description="comma-separated")] = None,
         partitions: Annotated[str | None, Form(description="comma-separated")] = None,
+        min_similarity: Annotated[float | None, Form(ge=-1, le=1)] = None,
+        max_similarity: Annotated[float | None, Form(ge=-1, le=1)] = None,
     ) -> dict[str, Any]:
         """Top-k rows for an uploaded image, preprocessed by the table's recorded mode."""
         start = time.perf_counter()
         rows = _decoded(state, [await file.read()], [file.filename or "file"])
         [q] = await asyncio.wrap_future(state.images.submit(rows))
         encode_ms = (time.perf_counter() - start) * 1000
-        params = SearchIn(k=k, statuses=_split(statuses), partitions=_split(partitions))
+        params = SearchIn(
+            k=k,
+            statuses=_split(statuses),
+            partitions=_split(partitions),
+            min_similarity=min_similarity,
+            max_similarity=max_similarity,
+        )
         out = run_search(q, params, None)
         query = {"image": file.filename, "width": rows[0].width, "height": rows[0].height}
         return {"query": query, "encode_ms": round(encode_ms, 3), **out}

@@ -13,9 +13,14 @@ from collections import OrderedDict
 
 from PIL import Image, ImageOps
 
-from clipbatch.tables.row_images import RowImages, RowLocation
+from clipbatch.tables.row_images import RowImageError, RowImages, RowLocation
 
 THUMBNAIL_SIZES = (64, 128, 256, 512)
+
+
+class NotAnImageError(RowImageError):
+    """The row's source bytes are not an image a thumbnail can be made of (the row's
+    status, e.g. decode_error, says so too); the original bytes are still served."""
 
 
 class ImageService:
@@ -39,7 +44,10 @@ class ImageService:
                 self._thumbs.move_to_end(key)
                 return self._thumbs[key]
         data, _ = self.original(row)
-        thumb = make_thumbnail(data, size)
+        try:
+            thumb = make_thumbnail(data, size)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # PIL's decode errors
+            raise NotAnImageError(f"row {row.key!r}: no thumbnail: {e}") from e
         with self._lock:
             self._thumbs[key] = thumb
             self._held += len(thumb)

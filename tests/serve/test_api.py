@@ -296,3 +296,29 @@ def test_the_server_only_reads_the_table(server, table: Path) -> None:
     assert before == after
     assert json.loads(json.dumps(client.get("/api/info").json()))["rows"] == 26
     assert pq.read_metadata(next(table.glob("*.parquet"))).num_rows > 0
+
+
+def test_a_row_whose_bytes_are_not_an_image_gets_a_json_415_thumbnail(server) -> None:
+    client, _ = server
+    detail = client.get("/api/rows/zz-not-an-image").json()
+    assert detail["status"] == "decode_error"
+    response = client.get(detail["thumbnail"])
+    assert response.status_code == 415 and "no thumbnail" in response.json()["detail"]
+    original = client.get(detail["image"])  # the source bytes are still what the row saw
+    assert original.status_code == 200 and original.content == b"this is not a jpeg"
+    failed = {r["key"]: r for r in client.get("/api/overview").json()["failed"]}
+    assert failed["zz-not-an-image"]["has_image"] and not failed["zz-no-image"]["has_image"]
+
+
+def test_image_search_takes_a_similarity_range(server, table: Path) -> None:
+    client, _ = server
+    row = next(r for r in rows_of(table) if r["status"] == "ok")
+    data = source_image(table.parent / "wds", row["key"])
+    lo = row["similarity"] + 1e-4  # excludes the image itself
+    got = client.post(
+        "/api/search/image",
+        files={"file": ("q.jpg", data, "image/jpeg")},
+        data={"k": "5", "min_similarity": str(lo)},
+    ).json()
+    assert got["hits"] and all(h["similarity"] >= lo for h in got["hits"])
+    assert row["key"] not in {h["key"] for h in got["hits"]}

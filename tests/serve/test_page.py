@@ -128,7 +128,7 @@ def save_screenshot(png: bytes, name: str) -> None:
         return
     Path(folder).mkdir(parents=True, exist_ok=True)
     image = Image.open(io.BytesIO(png)).convert("RGB")
-    image = image.quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    image = image.quantize(colors=256, method=Image.Quantize.MEDIANCUT, kmeans=3)
     image.save(Path(folder) / name, optimize=True)
 
 
@@ -158,7 +158,7 @@ def test_the_page_searches_shows_rows_and_stays_on_loopback(
             executable_path=str(CHROMIUM),
             args=CHROMIUM_ARGS,
             headless=True,
-            viewport={"width": 1280, "height": 900},
+            viewport={"width": 1280, "height": 1000},
         )
         try:
             page = context.pages[0] if context.pages else context.new_page()
