@@ -31,6 +31,7 @@ CRASH_POINTS = (
     "before_index",  # shard committed, its commit record not written yet
     "knn_mid_stage",  # a kNN build's index file staged, its id map and lineage not yet
     "knn_before_pointer",  # a kNN build staged and verified, CURRENT.json not yet switched
+    "judge_before_index",  # a table's judgements written, its _index.json not yet
 )
 
 

@@ -34,8 +34,11 @@ LAYERS = (
     "pipeline",
     "lineage",
     "knn",
+    "heads",
+    "judge",
     "query",
     "serve",
+    "curate",
     "training",
     "cli",
 )
