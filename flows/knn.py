@@ -5,7 +5,7 @@ or by the deployment's trigger on ``clipbatch.run.completed``, which every embed
 emits when it completes having written something (:mod:`clipbatch_flows.reporting`).
 
 One build per root at a time: the flow holds a slot of the global concurrency limit
-``clipbatch-index-…`` of its root (limit 1, created on first use) for the whole build,
+``clipbatch-index-…`` of its root (limit 1, created on first use; flows/limits.py) for the whole build,
 so a backfill's many completions queue one after another instead of racing on the
 same ``_knn/`` pointer. The first queued run indexes everything its predecessors left;
 the ones after it find the index current and finish in seconds.
@@ -13,21 +13,16 @@ the ones after it find the index current and finish in seconds.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import re
 from typing import Annotated, Any, Literal
 
 from clipbatch_flows.assets import asset_key
+from clipbatch_flows.limits import ensure_root_limit, root_limit_name
 from clipbatch_flows.run_meta import current_run_meta
 from clipbatch_tasks.knn import build_knn_index
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.assets import Asset, AssetProperties, add_asset_metadata, materialize
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.logging import get_run_logger
 from pydantic import Field
 
@@ -36,28 +31,6 @@ from clipbatch.knn.policy import IndexSettings
 from clipbatch.knn.store import index_uri
 
 IndexName = Literal["image", "text"]
-
-
-def root_limit_name(root: str) -> str:
-    """The global concurrency limit of one root: readable, and unique per root."""
-    tail = re.sub(r"[^A-Za-z0-9_.-]+", "-", root.rstrip("/").rsplit("/", 1)[-1])[:40]
-    digest = hashlib.sha256(root.rstrip("/").encode()).hexdigest()[:12]
-    return f"clipbatch-index-{tail}-{digest}"
-
-
-def ensure_root_limit(name: str) -> None:
-    """Create the root's limit (1 slot) unless it exists; a concurrent creator wins.
-
-    Read first: a create that loses the race is answered 409, but the server logs the
-    conflict as an error, and every build after the first would add one to its log.
-    """
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            with contextlib.suppress(ObjectAlreadyExists):
-                limit = GlobalConcurrencyLimitCreate(name=name, limit=1)
-                client.create_global_concurrency_limit(limit)
 
 
 @flow(name="build-index", validate_parameters=True, log_prints=False)

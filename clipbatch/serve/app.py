@@ -4,7 +4,7 @@ The app answers for one root (a table, or a partition root of nightly tables):
 
 | method and path | what |
 |---|---|
-| ``GET /api/info`` | the root, its tables and rows, the model as recorded, the index |
+| ``GET /api/info`` | the root, its tables and rows, the model as recorded, the index, the scores |
 | ``GET /api/overview`` | rows by status, the similarity histogram, failed rows |
 | ``POST /api/encode/text`` | ``{"texts": [...]}`` -> vectors (JSON, npy or Arrow) |
 | ``POST /api/encode/image`` | images (multipart ``files``) -> vectors |
@@ -43,10 +43,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from clipbatch import __version__
 from clipbatch.errors import ClipbatchError, ConfigError
@@ -54,7 +55,7 @@ from clipbatch.io.storage import get_fs, join
 from clipbatch.query.model import Recorded, TableModel
 from clipbatch.records import OK, TOO_LARGE
 from clipbatch.serve.batching import DynamicBatcher
-from clipbatch.serve.catalog import RowNotFound
+from clipbatch.serve.catalog import RowNotFound, UnknownJudgement, parse_score_filter
 from clipbatch.serve.images import THUMBNAIL_SIZES, ImageService, NotAnImageError
 from clipbatch.serve.search import RootSearch
 from clipbatch.serve.settings import ServeSettings
@@ -94,6 +95,24 @@ class SearchIn(BaseModel):
     partitions: list[str] | None = Field(None, description="Only rows of these partitions.")
     min_similarity: float | None = Field(None, ge=-1, le=1)
     max_similarity: float | None = Field(None, ge=-1, le=1)
+    scores: list[str] | None = Field(
+        None,
+        description="Score filters, NAME>=VALUE or NAME<=VALUE, e.g. aesthetic-laion-v2>=5 "
+        "(GET /api/info lists the scores this root has).",
+        examples=[["aesthetic-laion-v2>=5", "nsfw-laion-l14<=0.2"]],
+    )
+    unique: str | None = Field(
+        None,
+        description="A SemDeDup grouping (e.g. semdedup-0.05): only each duplicate "
+        "group's first row, and rows in no group.",
+    )
+
+    @field_validator("scores")
+    @classmethod
+    def _score_filters(cls, value: list[str] | None) -> list[str] | None:
+        for text in value or []:
+            parse_score_filter(text)  # a ValueError is a 422 naming the filter
+        return value
 
 
 # -- the server's state ---------------------------------------------------------------------
@@ -178,6 +197,7 @@ def _errors(app: FastAPI) -> None:
         return handle
 
     app.add_exception_handler(RowNotFound, handler(404))
+    app.add_exception_handler(UnknownJudgement, handler(400))
     app.add_exception_handler(NoImageError, handler(404))
     app.add_exception_handler(SourceChangedError, handler(409))
     app.add_exception_handler(NotAnImageError, handler(415))
@@ -210,6 +230,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             "status": row.column("status")[i].as_py(),
             "similarity": row.column("similarity")[i].as_py(),
             "has_image": row.column("image_sha256")[i].is_valid,
+            "scores": catalog.scores_of(i),
             **links(i),
         }
 
@@ -241,6 +262,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
                 "detail": state.search.method().detail,
                 "stale": bool(state.search.staleness and state.search.staleness.stale),
             },
+            "judgements": catalog.judgements(),
             "batching": {"max_items": settings.max_batch, "max_wait_ms": settings.max_wait_ms},
             "limits": {
                 "max_body_bytes": settings.max_body_bytes,
@@ -284,7 +306,12 @@ def _routes(app: FastAPI, state: ServerState) -> None:
 
     def run_search(q: np.ndarray, params: SearchIn, exclude: int | None) -> dict[str, Any]:
         mask = catalog.mask(
-            params.statuses, params.partitions, params.min_similarity, params.max_similarity
+            params.statuses,
+            params.partitions,
+            params.min_similarity,
+            params.max_similarity,
+            params.scores,
+            params.unique,
         )
         start = time.perf_counter()
         found, method = state.search.search(q[None, :], params.k, mask, exclude)
@@ -324,20 +351,27 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         partitions: Annotated[str | None, Form(description="comma-separated")] = None,
         min_similarity: Annotated[float | None, Form(ge=-1, le=1)] = None,
         max_similarity: Annotated[float | None, Form(ge=-1, le=1)] = None,
+        scores: Annotated[str | None, Form(description="comma-separated NAME>=VALUE")] = None,
+        unique: Annotated[str | None, Form(description="a SemDeDup grouping")] = None,
     ) -> dict[str, Any]:
         """Top-k rows for an uploaded image, preprocessed by the table's recorded mode."""
+        try:
+            filters = SearchIn(
+                k=k,
+                statuses=_split(statuses),
+                partitions=_split(partitions),
+                min_similarity=min_similarity,
+                max_similarity=max_similarity,
+                scores=_split(scores),
+                unique=unique or None,
+            )
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from e
         start = time.perf_counter()
         rows = _decoded(state, [await file.read()], [file.filename or "file"])
         [q] = await asyncio.wrap_future(state.images.submit(rows))
         encode_ms = (time.perf_counter() - start) * 1000
-        params = SearchIn(
-            k=k,
-            statuses=_split(statuses),
-            partitions=_split(partitions),
-            min_similarity=min_similarity,
-            max_similarity=max_similarity,
-        )
-        out = run_search(q, params, None)
+        out = run_search(q, filters, None)
         query = {"image": file.filename, "width": rows[0].width, "height": rows[0].height}
         return {"query": query, "encode_ms": round(encode_ms, 3), **out}
 

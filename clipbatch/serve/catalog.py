@@ -4,11 +4,19 @@ Read at start-up, one file at a time, only the columns a page shows (key, captio
 status, error, similarity, source, image hash, size), so a hit's key and caption never
 cost a read per query. About 100 bytes a row: a million rows hold about 100 MB.
 Brute-force search also keeps the image vectors (``with_vectors``), as float16.
+
+The rows' judgements come along (:mod:`clipbatch.judge`): each head's score
+(``_scores/{head}/``) and each SemDeDup's group and rank (``_scores/semdedup-{eps}/``),
+read once per shard file, and only where the judgement is bound to the file version the
+catalog holds (a file rewritten since it was judged shows no judgement, not a stale one).
+Searches filter on them: ``aesthetic-laion-v2>=5``, ``nsfw-laion-l14<=0.2``, and the
+first row of each duplicate group.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +27,7 @@ import pyarrow.compute as pc
 
 from clipbatch.config import StorageOptions
 from clipbatch.errors import ClipbatchError
+from clipbatch.judge.store import JudgementIndex, judgements_of, read_judgement
 from clipbatch.records import OK
 from clipbatch.tables.row_images import RowLocation
 from clipbatch.tables.table import OutputTable, ShardFile, open_tables
@@ -45,6 +54,29 @@ class RowNotFound(ClipbatchError):
     """No row has that key (in that partition)."""
 
 
+class UnknownJudgement(ClipbatchError):
+    """A filter names a score or duplicate grouping this root does not have."""
+
+
+SCORE_FILTER = re.compile(r"^\s*([A-Za-z0-9_.-]+)\s*(>=|<=)\s*(-?[0-9.]+(?:[eE]-?[0-9]+)?)\s*$")
+
+
+def parse_score_filter(text: str) -> tuple[str, str, float]:
+    """``"aesthetic-laion-v2>=5"`` -> ``("aesthetic-laion-v2", ">=", 5.0)``."""
+    match = SCORE_FILTER.match(text)
+    if not match:
+        raise ValueError(f"score filter {text!r}: write NAME>=VALUE or NAME<=VALUE")
+    return match.group(1), match.group(2), float(match.group(3))
+
+
+@dataclass
+class Groups:
+    """One SemDeDup judgement over the catalog: each row's group and rank (-1: none)."""
+
+    group: np.ndarray  # object: the group's first row, "table/key", or None
+    rank: np.ndarray  # int32
+
+
 @dataclass(frozen=True)
 class FileInfo:
     table: str  # the partition table, relative to the root ("" for the root itself)
@@ -53,6 +85,7 @@ class FileInfo:
     start: int  # its first row in the catalog
     rows: int
     metadata: dict[str, Any]
+    version: str | None = None  # as listed: what judgements are bound to
 
     @property
     def shard(self) -> str:
@@ -75,6 +108,8 @@ class RowCatalog:
     has_vector: np.ndarray | None = None
     status: np.ndarray = field(default_factory=lambda: np.zeros(0, object))
     similarity: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    scores: dict[str, np.ndarray] = field(default_factory=dict)  # head -> float32, NaN: none
+    groups: dict[str, Groups] = field(default_factory=dict)  # semdedup-{eps} -> groups
 
     def __len__(self) -> int:
         return self.rows.num_rows
@@ -122,6 +157,19 @@ class RowCatalog:
                 "written_at": meta.get("written_at"),
             },
             "source_kind": (meta.get("source") or {}).get("kind"),
+            "scores": self.scores_of(i),
+            "duplicates": {
+                name: {"group": g.group[i], "rank": int(g.rank[i])}
+                for name, g in self.groups.items()
+                if g.rank[i] >= 0
+            },
+        }
+
+    def scores_of(self, i: int) -> dict[str, float | None]:
+        """Row ``i``'s score from each head (None: not scored, or no vector)."""
+        return {
+            name: None if np.isnan(v[i]) else round(float(v[i]), 4)
+            for name, v in self.scores.items()
         }
 
     def location(self, i: int) -> RowLocation:
@@ -146,9 +194,17 @@ class RowCatalog:
         tables: list[str] | None = None,
         min_similarity: float | None = None,
         max_similarity: float | None = None,
+        score_filters: list[str] | None = None,
+        unique: str | None = None,
     ) -> np.ndarray | None:
-        """Rows that pass the filters (None: no filter)."""
-        if not (statuses or tables or min_similarity is not None or max_similarity is not None):
+        """Rows that pass the filters (None: no filter).
+
+        ``score_filters``: ``NAME>=VALUE`` / ``NAME<=VALUE`` on a head's score (rows
+        without that score fail them); ``unique``: a SemDeDup judgement's name, keeping
+        each duplicate group's first row and the rows in no group.
+        """
+        similarity = min_similarity is not None or max_similarity is not None
+        if not (statuses or tables or similarity or score_filters or unique):
             return None
         keep = np.ones(len(self), bool)
         if statuses:
@@ -164,7 +220,43 @@ class RowCatalog:
                 keep &= self.similarity >= min_similarity
             if max_similarity is not None:
                 keep &= self.similarity <= max_similarity
+            for text in score_filters or []:
+                name, op, value = parse_score_filter(text)
+                if name not in self.scores:
+                    raise UnknownJudgement(
+                        f"no score {name!r} under this root (scores: "
+                        f"{', '.join(self.scores) or 'none'}; `clipbatch score` writes them)"
+                    )
+                values = self.scores[name]
+                keep &= values >= value if op == ">=" else values <= value
+        if unique:
+            if unique not in self.groups:
+                raise UnknownJudgement(
+                    f"no duplicate groups {unique!r} under this root (have: "
+                    f"{', '.join(self.groups) or 'none'}; `clipbatch score --semdedup` writes them)"
+                )
+            keep &= self.groups[unique].rank <= 0
         return keep
+
+    def judgements(self) -> dict[str, Any]:
+        """What the rows have been judged by: scores with their range, groupings."""
+        scores = {}
+        for name, values in self.scores.items():
+            has = values[~np.isnan(values)]
+            scores[name] = {
+                "rows": int(len(has)),
+                "min": round(float(has.min()), 4) if len(has) else None,
+                "max": round(float(has.max()), 4) if len(has) else None,
+                "mean": round(float(has.mean()), 4) if len(has) else None,
+            }
+        groups = {
+            name: {
+                "rows": int((g.rank >= 0).sum()),
+                "duplicates": int((g.rank > 0).sum()),
+            }
+            for name, g in self.groups.items()
+        }
+        return {"scores": scores, "duplicates": groups}
 
     # -- the overview ---------------------------------------------------------------------
     def overview(self, failed_limit: int = 100, bins: int = 40) -> dict[str, Any]:
@@ -246,6 +338,7 @@ def load_catalog(
         status=np.asarray(rows.column("status").to_pylist(), dtype=object),
         similarity=sims.to_numpy(zero_copy_only=False).astype(np.float32),
     )
+    _load_judgements(catalog, tables, storage)
     if with_vectors:
         dim = int(model["embed_dim"])
         catalog.vectors = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float16)
@@ -255,7 +348,46 @@ def load_catalog(
 
 
 def _info(table_name: str, table: OutputTable, file: ShardFile, start: int, rows: int) -> FileInfo:
-    return FileInfo(table_name, table.dest, file.name, start, rows, file.metadata or {})
+    return FileInfo(
+        table_name, table.dest, file.name, start, rows, file.metadata or {}, file.version
+    )
+
+
+def _load_judgements(
+    catalog: RowCatalog, tables: list[OutputTable], storage: StorageOptions | None
+) -> None:
+    """Each table's judgements, one file per shard file, aligned to the catalog by key."""
+    n = len(catalog)
+    by_table: dict[str, list[FileInfo]] = {}
+    for info in catalog.files:
+        by_table.setdefault(info.table, []).append(info)
+    for table, name in zip(tables, catalog.tables, strict=True):
+        for judgement in judgements_of(table.dest, storage):
+            index = JudgementIndex.read(table.dest, judgement, storage)
+            for info in by_table.get(name, []):
+                entry = index.entries.get(info.shard) or {}
+                if info.version is None or entry.get("file_version") != info.version:
+                    continue  # not judged yet, or judged before the file was rewritten
+                data = read_judgement(table.dest, judgement, info.shard, storage)
+                if data is None or data.num_rows == 0:
+                    continue
+                keys = catalog.rows.column("key").slice(info.start, info.rows).to_pylist()
+                where = {k: info.start + j for j, k in enumerate(keys)}
+                rows = np.array([where.get(k, -1) for k in data.column("key").to_pylist()])
+                found = rows >= 0
+                rows = rows[found]
+                if "score" in data.column_names:
+                    values = catalog.scores.setdefault(judgement, np.full(n, np.nan, np.float32))
+                    score = pc.fill_null(data.column("score").cast(pa.float32()), float("nan"))
+                    values[rows] = score.to_numpy(zero_copy_only=False)[found]
+                elif "rank" in data.column_names:
+                    groups = catalog.groups.setdefault(
+                        judgement, Groups(np.full(n, None, object), np.full(n, -1, np.int32))
+                    )
+                    rank = pc.fill_null(data.column("rank"), -1).to_numpy(zero_copy_only=False)
+                    group = np.asarray(data.column("group").to_pylist(), dtype=object)
+                    groups.group[rows] = group[found]
+                    groups.rank[rows] = rank[found]
 
 
 def _one_model(tables: list[OutputTable]) -> dict[str, Any]:

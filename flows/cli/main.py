@@ -28,6 +28,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "search": ("clipbatch.cli.search", "text->image search over an output table"),
     "index": ("clipbatch.cli.index", "build or update the kNN indexes of a table (_knn/)"),
     "dedup": ("clipbatch.cli.dedup", "near-duplicate pairs from a table's kNN index"),
+    "score": (
+        "clipbatch.cli.score",
+        "score rows with heads (aesthetic, NSFW, yours) and group duplicates (SemDeDup)",
+    ),
     "inspect": ("clipbatch.cli.inspect", "validate an output table; non-zero if inconsistent"),
     "lineage": ("clipbatch.cli.lineage", "trace rows to their source versions; exit 1 if stale"),
 }

@@ -73,6 +73,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     wds = root / "clipbatch-demo" / "data"
     webdataset_with_failures(wds, shards=2, per_shard=24)
     embed(tiny_config(str(wds), str(root / "clipbatch-demo" / "embeddings")))
+    judge(root / "clipbatch-demo" / "embeddings", root / "heads")
     port = free_port()
     pythonpath = os.environ.get("PYTHONPATH", "")
     base = f"http://127.0.0.1:{port}"
@@ -110,6 +111,25 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait()
+
+
+def judge(table: Path, heads: Path) -> None:
+    """A user's head ("quality") and SemDeDup over the table, as ``clipbatch score`` does."""
+    import torch
+    from safetensors.torch import save_file
+
+    from clipbatch.heads.base import mlp
+    from clipbatch.heads.registry import load_head
+    from clipbatch.judge.score import score_root
+    from clipbatch.judge.semdedup import semdedup_root
+
+    heads.mkdir()
+    torch.manual_seed(4)
+    save_file(mlp([64, 1]).state_dict(), str(heads / "quality.safetensors"))
+    config = {"name": "quality", "embed_dim": 64, "layers": [64, 1], "output": "sigmoid"}
+    (heads / "quality.json").write_text(json.dumps(config))
+    score_root(str(table), [load_head(str(heads / "quality.json"))])
+    semdedup_root(str(table))
 
 
 def source_jpeg(wds: Path, key: str) -> bytes:
@@ -245,6 +265,11 @@ def test_the_page_searches_shows_rows_and_stays_on_loopback(
                 "(() => { const i = document.querySelector('#detail .detail-image img');"
                 " return i && i.complete && i.naturalWidth === 64; })()"
             )
+            quality = page.inner_text('#detail [data-field="score:quality"]')
+            assert float(quality) == pytest.approx(first["scores"]["quality"], abs=1e-4)
+            assert "first of its duplicate group" in page.inner_text(
+                '#detail [data-field="group:semdedup-0.05"]'
+            )
             save_screenshot(page.screenshot(), "serve-detail.png")
 
             # More like this: its neighbours in the grid, without the row itself.
@@ -259,6 +284,33 @@ def test_the_page_searches_shows_rows_and_stays_on_loopback(
             keys = grid_keys(page)
             assert len(keys) == K and first["key"] not in keys
             assert keys == [h["key"] for h in like]
+
+            # A score filter: only rows scored at least the median, as the API answers.
+            median = float(np.median([h["scores"]["quality"] for h in api_hits]))
+            filtered = post_json(
+                base + "/api/search",
+                {
+                    "text": QUERY,
+                    "k": K,
+                    "scores": [f"quality>={median}"],
+                    "unique": "semdedup-0.05",
+                },
+            )["hits"]
+            assert page.is_visible("#score-wrap") and page.is_visible("#unique-wrap")
+            page.fill("#score-filter", f"quality>={median}")
+            page.check("#unique")
+            page.fill("#q", QUERY)
+            page.press("#q", "Enter")
+            # (Changing a filter reruns the last search first: wait for this query's grid.)
+            page.wait_for_function(
+                "keys => JSON.stringify([...document.querySelectorAll('#grid .hit')]"
+                ".map(e => e.dataset.key)) === JSON.stringify(keys)"
+                " && document.querySelector('#query-label').textContent.includes('red circle')",
+                arg=[h["key"] for h in filtered],
+            )
+            assert "applied to every row" in page.inner_text("#method")
+            assert all(h["scores"]["quality"] >= median for h in filtered)
+            page.click("#clear-filters")
 
             # A failed row from the overview: its status and error, no image.
             page.click('#failed button[data-key="zz-no-image"]')

@@ -224,6 +224,24 @@
       wrap.hidden = false;
     }
     if (info.limits && info.limits.max_k) $("k").max = info.limits.max_k;
+    const judged = info.judgements || { scores: {}, duplicates: {} };
+    const scoreNames = Object.keys(judged.scores || {});
+    if (scoreNames.length) {
+      $("score-names").replaceChildren(
+        ...scoreNames.map((name) => {
+          const s = judged.scores[name];
+          return h("option", { value: `${name}>=${s.mean === null ? 0 : s.mean}` }, `${name} (${num(s.min, 2)} to ${num(s.max, 2)})`);
+        }),
+      );
+      $("score-filter").placeholder = `${scoreNames[0]}>=value`;
+      $("score-wrap").hidden = false;
+    }
+    const groupings = Object.keys(judged.duplicates || {});
+    if (groupings.length) {
+      state.grouping = groupings[0];
+      $("unique-wrap").title = `${groupings[0]}: ${judged.duplicates[groupings[0]].duplicates.toLocaleString()} rows come after an earlier duplicate`;
+      $("unique-wrap").hidden = false;
+    }
   }
 
   // -- search -----------------------------------------------------------------------------
@@ -244,6 +262,9 @@
     const hi = optionalNumber("max-sim");
     if (lo !== null) out.min_similarity = lo;
     if (hi !== null) out.max_similarity = hi;
+    const scores = $("score-filter").value.split(",").map((x) => x.trim()).filter(Boolean);
+    if (scores.length) out.scores = scores;
+    if ($("unique").checked && state.grouping) out.unique = state.grouping;
     return out;
   }
 
@@ -297,6 +318,8 @@
     // Sent for when the API takes them; checked below in case it does not yet.
     if (f.min_similarity !== undefined) form.append("min_similarity", String(f.min_similarity));
     if (f.max_similarity !== undefined) form.append("max_similarity", String(f.max_similarity));
+    if (f.scores) form.append("scores", f.scores.join(","));
+    if (f.unique) form.append("unique", f.unique);
     if (state.queryImage) URL.revokeObjectURL(state.queryImage);
     state.queryImage = URL.createObjectURL(file);
     state.rerun = () => searchImage(lastFile);
@@ -403,6 +426,25 @@
     return [h("dt", {}, name), dd];
   }
 
+  function judgementFields(row) {
+    const scores = Object.entries(row.scores || {});
+    const groups = Object.entries(row.duplicates || {});
+    if (!scores.length && !groups.length) return [];
+    return [
+      h("div", { class: "group" }, "judgements"),
+      ...scores.flatMap(([name, value]) => field(name, num(value, 4), { field: "score:" + name })),
+      ...groups.flatMap(([name, g]) =>
+        field(
+          name,
+          g.rank === 0
+            ? "first of its duplicate group"
+            : h("span", {}, `duplicate #${g.rank} of `, h("span", { class: "mono" }, g.group)),
+          { field: "group:" + name, title: `group ${g.group}` },
+        ),
+      ),
+    ];
+  }
+
   function renderDetail(row) {
     $("detail-title").textContent = row.key;
     const open = row.image_sha256 && row.image
@@ -447,6 +489,7 @@
         ...field("partition", tableName(row.table), { field: "table" }),
         ...field("file", `${fmt(row.file)}, row ${fmt(row.row)}`),
         ...field("similarity", num(row.similarity, 4)),
+        ...judgementFields(row),
         h("div", { class: "group" }, "source"),
         ...field("object", h("span", { class: "mono" }, fmt(row.source_uri)), { field: "source_uri" }),
         ...field("member", h("span", { class: "mono" }, fmt(row.source_member)), { field: "source_member" }),
@@ -715,6 +758,8 @@
       $("partition").value = "";
       $("min-sim").value = "";
       $("max-sim").value = "";
+      $("score-filter").value = "";
+      $("unique").checked = false;
       if (state.rerun) state.rerun();
     });
     $("detail-close").addEventListener("click", () => closeDetail());
