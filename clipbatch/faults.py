@@ -32,6 +32,9 @@ CRASH_POINTS = (
     "knn_mid_stage",  # a kNN build's index file staged, its id map and lineage not yet
     "knn_before_pointer",  # a kNN build staged and verified, CURRENT.json not yet switched
     "judge_before_index",  # a table's judgements written, its _index.json not yet
+    "curate_mid_write",  # a curated shard staged, the rest of the run's not yet
+    "curate_before_commit",  # every shard staged, the selection's state.json not written
+    "curate_before_publish",  # state.json committed, the staged shards not yet published
 )
 
 

@@ -9,6 +9,9 @@ One build per root at a time: the flow holds a slot of the global concurrency li
 so a backfill's many completions queue one after another instead of racing on the
 same ``_knn/`` pointer. The first queued run indexes everything its predecessors left;
 the ones after it find the index current and finish in seconds.
+
+A build that completes emits ``clipbatch.index.completed`` about its root (changed or
+not, in the ``clipbatch.changed`` label): the curate deployment's trigger.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.assets import Asset, AssetProperties, add_asset_metadata, materialize
 from prefect.concurrency.sync import concurrency
+from prefect.events import emit_event
 from prefect.logging import get_run_logger
 from pydantic import Field
 
@@ -31,6 +35,8 @@ from clipbatch.knn.policy import IndexSettings
 from clipbatch.knn.store import index_uri
 
 IndexName = Literal["image", "text"]
+# Emitted when a build completes; the curate deployment's trigger reacts to it.
+INDEX_COMPLETED = "clipbatch.index.completed"
 
 
 @flow(name="build-index", validate_parameters=True, log_prints=False)
@@ -67,7 +73,28 @@ def build_index_flow(
             for name in names or ["image", "text"]
         ]
     _report(root, reports)
+    _announce(root, storage, reports)
     return reports
+
+
+def _announce(root: str, storage: StorageOptions, reports: list[dict[str, Any]]) -> None:
+    """``clipbatch.index.completed`` about the root: the curate deployment's trigger."""
+    changed = any(r["mode"] in ("built", "updated") for r in reports)
+    emit_event(
+        event=INDEX_COMPLETED,
+        resource={
+            "prefect.resource.id": f"clipbatch.table.{root}",
+            "prefect.resource.name": root.rstrip("/").rsplit("/", 1)[-1],
+            "clipbatch.changed": "true" if changed else "false",
+        },
+        payload={
+            "root": root,
+            # Non-secret by construction (StorageOptions refuses secrets): the curate run
+            # reaches the same store the same way.
+            "storage": storage.model_dump(mode="json"),
+            "indexes": {r["name"]: r["mode"] for r in reports},
+        },
+    )
 
 
 def _report(root: str, reports: list[dict[str, Any]]) -> None:

@@ -36,9 +36,9 @@ LAYERS = (
     "knn",
     "heads",
     "judge",
+    "curate",
     "query",
     "serve",
-    "curate",
     "training",
     "cli",
 )

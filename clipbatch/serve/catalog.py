@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clipbatch.config import StorageOptions
+from clipbatch.curate.store import SelectionState, list_selections, read_selection
 from clipbatch.errors import ClipbatchError
 from clipbatch.judge.store import JudgementIndex, judgements_of, read_judgement
 from clipbatch.records import OK
@@ -70,6 +71,15 @@ def parse_score_filter(text: str) -> tuple[str, str, float]:
 
 
 @dataclass
+class Selection:
+    """One curation selection over the catalog: keep (1), drop (0) or undecided (-1)."""
+
+    keep: np.ndarray  # int8
+    reasons: np.ndarray  # object: list of reasons, or None
+    shard: np.ndarray  # object: the curated shard of a kept row
+
+
+@dataclass
 class Groups:
     """One SemDeDup judgement over the catalog: each row's group and rank (-1: none)."""
 
@@ -110,6 +120,8 @@ class RowCatalog:
     similarity: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # head -> float32, NaN: none
     groups: dict[str, Groups] = field(default_factory=dict)  # semdedup-{eps} -> groups
+    # curation spec name -> each row's decision (None: not decided) and drop reasons
+    selections: dict[str, Selection] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.rows.num_rows
@@ -162,6 +174,15 @@ class RowCatalog:
                 name: {"group": g.group[i], "rank": int(g.rank[i])}
                 for name, g in self.groups.items()
                 if g.rank[i] >= 0
+            },
+            "curation": {
+                name: {
+                    "keep": bool(sel.keep[i]),
+                    "reasons": list(sel.reasons[i] or []),
+                    "shard": sel.shard[i],
+                }
+                for name, sel in self.selections.items()
+                if sel.keep[i] >= 0
             },
         }
 
@@ -256,7 +277,11 @@ class RowCatalog:
             }
             for name, g in self.groups.items()
         }
-        return {"scores": scores, "duplicates": groups}
+        selections = {
+            name: {"kept": int((sel.keep == 1).sum()), "dropped": int((sel.keep == 0).sum())}
+            for name, sel in self.selections.items()
+        }
+        return {"scores": scores, "duplicates": groups, "curation": selections}
 
     # -- the overview ---------------------------------------------------------------------
     def overview(self, failed_limit: int = 100, bins: int = 40) -> dict[str, Any]:
@@ -339,6 +364,7 @@ def load_catalog(
         similarity=sims.to_numpy(zero_copy_only=False).astype(np.float32),
     )
     _load_judgements(catalog, tables, storage)
+    _load_selections(catalog, storage)
     if with_vectors:
         dim = int(model["embed_dim"])
         catalog.vectors = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float16)
@@ -398,3 +424,31 @@ def _one_model(tables: list[OutputTable]) -> dict[str, Any]:
             "serve one model's tables at a time"
         )
     return tables[0].model_metadata()
+
+
+def _load_selections(catalog: RowCatalog, storage: StorageOptions | None) -> None:
+    """The root's curation selections: each file's decisions, where the selection's
+    ``state.json`` binds them to the file version the catalog holds."""
+    n = len(catalog)
+    for name in list_selections(catalog.root, storage):
+        state = SelectionState.read(catalog.root, name, storage)
+        if state is None:
+            continue
+        sel = Selection(np.full(n, -1, np.int8), np.full(n, None, object), np.full(n, None, object))
+        for info in catalog.files:
+            file_key = f"{info.table}/{info.name}" if info.table else info.name
+            if not state.bound(file_key, info.version):
+                continue
+            uri = f"{catalog.root.rstrip('/')}/_curate/{name}/{state.files[file_key]['selection']}"
+            data = read_selection(uri, storage)
+            if data is None:
+                continue
+            keys = catalog.rows.column("key").slice(info.start, info.rows).to_pylist()
+            where = {k: info.start + j for j, k in enumerate(keys)}
+            for r in data.select(["key", "keep", "reasons", "shard"]).to_pylist():
+                i = where.get(r["key"])
+                if i is not None:
+                    sel.keep[i] = 1 if r["keep"] else 0
+                    sel.reasons[i] = r["reasons"]
+                    sel.shard[i] = r["shard"]
+        catalog.selections[name] = sel

@@ -27,6 +27,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("clipbatch.cli.serve", "serve a table: encoders, search and a page, over HTTP"),
     "search": ("clipbatch.cli.search", "text->image search over an output table"),
     "index": ("clipbatch.cli.index", "build or update the kNN indexes of a table (_knn/)"),
+    "curate": (
+        "clipbatch.cli.curate",
+        "a training set from a root's judgements: a stable selection and WebDataset shards",
+    ),
     "dedup": ("clipbatch.cli.dedup", "near-duplicate pairs from a table's kNN index"),
     "score": (
         "clipbatch.cli.score",

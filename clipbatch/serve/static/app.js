@@ -426,6 +426,23 @@
     return [h("dt", {}, name), dd];
   }
 
+  function curationFields(row) {
+    const selections = Object.entries(row.curation || {});
+    if (!selections.length) return [];
+    return [
+      h("div", { class: "group" }, "curation"),
+      ...selections.flatMap(([name, c]) =>
+        field(
+          name,
+          c.keep
+            ? h("span", {}, h("span", { class: "badge ok" }, "kept"), ` in shard ${c.shard}`)
+            : h("span", {}, h("span", { class: "badge bad" }, "dropped"), h("ul", { class: "reasons" }, ...c.reasons.map((r) => h("li", {}, r)))),
+          { field: "curation:" + name },
+        ),
+      ),
+    ];
+  }
+
   function judgementFields(row) {
     const scores = Object.entries(row.scores || {});
     const groups = Object.entries(row.duplicates || {});
@@ -490,6 +507,7 @@
         ...field("file", `${fmt(row.file)}, row ${fmt(row.row)}`),
         ...field("similarity", num(row.similarity, 4)),
         ...judgementFields(row),
+        ...curationFields(row),
         h("div", { class: "group" }, "source"),
         ...field("object", h("span", { class: "mono" }, fmt(row.source_uri)), { field: "source_uri" }),
         ...field("member", h("span", { class: "mono" }, fmt(row.source_member)), { field: "source_member" }),
