@@ -395,7 +395,7 @@ def render(results: dict[str, Any]) -> str:
             "*Marginal* = (large - small) rows / (large - small) seconds, so start-up "
             "cancels; *whole* = large rows / large seconds. Encode-only is stock "
             "`encode_image` on ready tensors plus `encode_text` on ready 77-token tokens "
-            "(design.md §8); efficiency above 1 comes from encoding text only up to the "
+            "(docs/design.md §8); efficiency above 1 comes from encoding text only up to the "
             "batch's longest caption. The naive column is measured once, after the rounds, "
             "so under other load: where it exceeds encode-only pairs/s (which does strictly "
             "less work) it only shows how much the load moved.",
@@ -458,7 +458,7 @@ def render(results: dict[str, Any]) -> str:
             "over 4 local shards of 500 JPEGs (256 px) with captions, and exit. Best of three, "
             "the tools alternated"
             + (f" (medians: {wc['speedup_median']:.2f}x)" if "speedup_median" in wc else "")
-            + ". Design target (design.md §8): clip-retrieval / ours >= 2.5: "
+            + ". Design target (docs/design.md §8): clip-retrieval / ours >= 2.5: "
             + (
                 ("**met**" if wc["speedup"] >= 2.5 else "**missed**")
                 + f" ({wc['speedup']:.2f}; all runs in bench/results.json)."

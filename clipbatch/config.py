@@ -95,7 +95,7 @@ class StorageOptions(_Frozen):
 
 
 class SourceConfig(_Frozen):
-    """Where the images and captions come from (design.md §1)."""
+    """Where the images and captions come from (docs/design.md §1)."""
 
     url: str = Field(
         ...,
@@ -292,7 +292,7 @@ class RuntimeConfig(_Frozen):
 
 
 class SinkConfig(_Frozen):
-    """Where and how the embedding table is written (design.md §2-3)."""
+    """Where and how the embedding table is written (docs/design.md §2-3)."""
 
     url: str = Field(..., description="Destination URL for the Parquet table.", min_length=1)
     dtype: EmbeddingDtype = Field("float16", description="Embedding storage dtype.")

@@ -2,7 +2,7 @@
 
 reader -> :class:`RawSample` -> decode/preprocess -> :class:`PreparedSample`
 -> encode -> :class:`RowBlock` -> sink. Row statuses are stable codes
-(design.md §3): once a row has a non-ok status it still flows to the sink, without the
+(docs/design.md §3): once a row has a non-ok status it still flows to the sink, without the
 embeddings its status rules out (stored as all-zero vectors: every Parquet reader reads
 them, where null fixed-size lists fail older ones), so every input row yields exactly one
 output row.
@@ -61,7 +61,7 @@ def may_keep_caption(status: str) -> bool:
 VECTOR_KEEP_RULES = {"image_embedding": may_keep_image, "text_embedding": may_keep_caption}
 
 
-# The embedding table's own columns, in order (design.md §3). ``sink/schema.py`` gives
+# The embedding table's own columns, in order (docs/design.md §3). ``sink/schema.py`` gives
 # them their types; a test holds the two together.
 TABLE_COLUMNS = (
     "key",
@@ -91,7 +91,7 @@ def passthrough_name(column: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class ShardSpec:
-    """One unit of work, retry and commit (design.md §1).
+    """One unit of work, retry and commit (docs/design.md §1).
 
     Slotted: a plan over 230,000 shards holds one of these per shard.
     """

@@ -6,10 +6,10 @@
   effect (``max_caption_tokens``, default and at most the family's context length).
   Where it is proven exact for the family, text is encoded only up to the longest caption
   in the batch: OpenAI's and open_clip's CLIP text towers are causal and read the feature
-  at the end-of-text token, so padding after it cannot change the result (design.md §8;
+  at the end-of-text token, so padding after it cannot change the result (docs/design.md §8;
   proven in tests/encode/test_encoder.py and tests/models/). Other towers (SigLIP)
   encode the full padded context.
-- A CUDA out-of-memory halves the batch and retries it (design.md §5).
+- A CUDA out-of-memory halves the batch and retries it (docs/design.md §5).
 """
 
 from __future__ import annotations

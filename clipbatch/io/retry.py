@@ -1,4 +1,4 @@
-"""Retries: one policy per layer, each configured once (design.md §5).
+"""Retries: one policy per layer, each configured once (docs/design.md §5).
 
 | layer | retries | policy |
 |---|---|---|

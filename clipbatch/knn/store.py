@@ -1,4 +1,4 @@
-"""A kNN index as a committed artifact: ``{root}/_knn/{name}/`` (design.md §2).
+"""A kNN index as a committed artifact: ``{root}/_knn/{name}/`` (docs/design.md §2, §13).
 
 Each build is written whole into a folder of its own, then made current by one small
 pointer, written last and atomically:

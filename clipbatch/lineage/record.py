@@ -1,4 +1,4 @@
-"""The run record: ``{dest}/_lineage/{flow_run_id}.json`` (design.md §6).
+"""The run record: ``{dest}/_lineage/{flow_run_id}.json`` (docs/design.md §6).
 
 The record itself stays small whatever the run's size: identity, parameters, model,
 progress and summary. It is rewritten atomically at the start, as shards finish

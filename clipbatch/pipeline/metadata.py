@@ -1,4 +1,4 @@
-"""The file metadata every shard file carries under ``clipbatch`` (design.md §3, §6).
+"""The file metadata every shard file carries under ``clipbatch`` (docs/design.md §3, §6).
 
 Model identity, preprocessing in effect, dtype, options, source and run: in the Arrow
 schema from the start (pyarrow, pandas and Hugging Face datasets see it), and in the

@@ -1,4 +1,4 @@
-"""Shard fingerprints (design.md §4): exactly what decides a shard's output, and no more.
+"""Shard fingerprints (docs/design.md §4): exactly what decides a shard's output, and no more.
 
 A committed shard is reused when its file carries the fingerprint the plan computes now.
 The fingerprint hashes what changes the table's values or schema:

@@ -1,4 +1,4 @@
-"""Which shards a run must encode, and which it can skip (design.md §4).
+"""Which shards a run must encode, and which it can skip (docs/design.md §4).
 
 Planning is done once, in the flow, with a bounded number of requests whatever the
 dataset's size: one listing of the source (its kind detected from it), one listing of

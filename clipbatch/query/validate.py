@@ -1,5 +1,5 @@
 """``clipbatch inspect``: every shard checked against its metadata, the commit index,
-and the table contracts (design.md §3)."""
+and the table contracts (docs/design.md §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Where a table's files go (design.md §2): shard files, and per-process staging folders.
+"""Where a table's files go (docs/design.md §2): shard files, and per-process staging folders.
 
 ``{dest}/{shard}.parquet`` is a committed shard; ``{dest}/_members/{shard}.parquet`` says
 where each of its rows' images is in the source; ``{dest}/_tmp/{run}__{host}__{pid}__{token}/``

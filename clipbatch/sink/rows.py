@@ -1,4 +1,4 @@
-"""Rows to Arrow: the table's columns for one block of encoded rows (design.md §3)."""
+"""Rows to Arrow: the table's columns for one block of encoded rows (docs/design.md §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The embedding table's schema and file metadata (design.md §3)."""
+"""The embedding table's schema and file metadata (docs/design.md §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A shard's Parquet file and its commit protocol (design.md §2).
+"""A shard's Parquet file and its commit protocol (docs/design.md §2).
 
 A shard is written to a local temp file as row groups stream in, then staged at
 ``{dest}/_tmp/{run}__{host}__{pid}__{token}/{name}.parquet``, verified (rows, schema and

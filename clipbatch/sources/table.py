@@ -1,4 +1,4 @@
-"""Tables of rows: Parquet, CSV or JSONL (design.md §1).
+"""Tables of rows: Parquet, CSV or JSONL (docs/design.md §1).
 
 A shard is one file, or, for Parquet with ``table_shard_rows``, a range of whole row
 groups of it (``{stem}-00000``, ``{stem}-00001``, ...). Each row has:

@@ -1,4 +1,4 @@
-"""WebDataset tar shards, as img2dataset writes them (design.md §1).
+"""WebDataset tar shards, as img2dataset writes them (docs/design.md §1).
 
 A shard is one ``NNNNN.tar``; members sharing a key (the basename up to its first
 dot) form one row: ``{key}.jpg|jpeg|png|webp``, ``{key}.txt``, ``{key}.json``. The tar

@@ -1,4 +1,4 @@
-"""OpenLineage run events for embedding runs and their shard tasks (design.md §6).
+"""OpenLineage run events for embedding runs and their shard tasks (docs/design.md §6).
 
 OSS Prefect has no OpenLineage integration, so a run reports itself: START when it
 is planned, COMPLETE or FAIL at the end, with the source dataset as input and the

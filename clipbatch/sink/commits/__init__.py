@@ -1,7 +1,7 @@
 """``{dest}/_commits/``: the commit index, whose cost per commit does not grow with the table.
 
 Shard files are the truth; the index lets a run plan 230,000 shards with one listing of
-``dest`` and a handful of reads, instead of a footer read per shard (design.md §2).
+``dest`` and a handful of reads, instead of a footer read per shard (docs/design.md §2).
 
 **Records.** One record per committed shard file: shard name, fingerprint, rows, counts,
 sha256, source URI and version, run id, and the file's own version as the store lists
