@@ -17,6 +17,7 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
+from clipbatch.curate.run import curate_root
 from clipbatch.heads.base import mlp
 from clipbatch.heads.registry import load_head
 from clipbatch.judge.score import score_root
@@ -58,6 +59,9 @@ def judged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
     )
     score_root(str(root / "emb"), [load_head(str(root / "q.json"))])
     semdedup_root(str(root / "emb"))
+    spec = {"name": "train", "rules": {"min_similarity": None, "unique": 0.05},
+            "output": {"url": str(root / "curated")}}  # fmt: skip
+    curate_root(str(root / "emb"), spec)
     return root / "emb", original, copy
 
 
@@ -151,3 +155,17 @@ def test_a_file_rewritten_since_it_was_judged_shows_no_stale_judgement(
     with client_for(copy) as client:
         row = client.get(f"/api/rows/{original}").json()
         assert row["scores"]["quality"] is None and row["duplicates"] == {}
+
+
+def test_a_row_shows_why_a_curation_dropped_it(judged) -> None:
+    table, original, copy = judged
+    with client_for(table) as client:
+        info = client.get("/api/info").json()["judgements"]["curation"]
+        assert info == {"train": {"kept": 20, "dropped": 3}}  # the copy and two failed rows
+        kept = client.get(f"/api/rows/{original}").json()["curation"]["train"]
+        assert kept["keep"] and kept["reasons"] == [] and kept["shard"] == "00000"
+        dropped = client.get(f"/api/rows/{copy}").json()["curation"]["train"]
+        group = client.get(f"/api/rows/{copy}").json()["duplicates"]["semdedup-0.05"]["group"]
+        assert not dropped["keep"] and dropped["reasons"] == [f"duplicate: of {group}"]
+        failed = client.get("/api/rows/zz-no-image").json()["curation"]["train"]
+        assert failed["reasons"] == ["status: missing_image"]

@@ -114,7 +114,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
 
 
 def judge(table: Path, heads: Path) -> None:
-    """A user's head ("quality") and SemDeDup over the table, as ``clipbatch score`` does."""
+    """A user's head ("quality") and SemDeDup over the table, as ``clipbatch score`` does,
+    and a curation ("train") as ``clipbatch curate`` does."""
     import torch
     from safetensors.torch import save_file
 
@@ -130,6 +131,11 @@ def judge(table: Path, heads: Path) -> None:
     (heads / "quality.json").write_text(json.dumps(config))
     score_root(str(table), [load_head(str(heads / "quality.json"))])
     semdedup_root(str(table))
+    from clipbatch.curate.run import curate_root
+
+    spec = {"name": "train", "rules": {"min_similarity": None, "unique": 0.05},
+            "output": {"url": str(heads.parent / "curated")}}  # fmt: skip
+    curate_root(str(table), spec)
 
 
 def source_jpeg(wds: Path, key: str) -> bytes:
@@ -317,6 +323,9 @@ def test_the_page_searches_shows_rows_and_stays_on_loopback(
             page.wait_for_selector('#detail [data-field="status"]')
             assert page.inner_text('#detail [data-field="status"]') == "missing_image"
             assert "no image member" in page.inner_text('#detail [data-field="error"]')
+            why = page.inner_text('#detail [data-field="curation:train"]')
+            assert "dropped" in why and "status: missing_image" in why
+            save_screenshot(page.screenshot(), "serve-dropped.png")
             assert page.query_selector("#detail .detail-image .placeholder") is not None
             page.keyboard.press("Escape")
             assert page.is_hidden("#detail")
