@@ -14,12 +14,14 @@ FLOOR_PYARROW ?= 17.0.0
 demo: $(VENV)/.installed-base
 	$(BIN)/clipbatch demo
 
-test: $(VENV)/.installed-dev $(FLOOR)/.installed system-deps
+test: $(VENV)/.installed-dev $(FLOOR)/.installed system-deps lint
 	$(BIN)/python -m pytest -q
 
+# Lint, formatting and the generated reference pages (seconds): part of make test.
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check clipbatch flows tasks tests bench
-	$(BIN)/ruff format --check clipbatch flows tasks tests bench
+	$(BIN)/ruff check clipbatch flows tasks tests bench docs
+	$(BIN)/ruff format --check clipbatch flows tasks tests bench docs
+	$(BIN)/python docs/generate.py --check
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m bench

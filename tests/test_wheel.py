@@ -142,10 +142,12 @@ def test_clipbatch_deploy_registers_deployments_a_worker_runs_from_site_packages
         installed, [installed.bin("clipbatch"), "deploy", "--gpu-slots", "2"], elsewhere, env
     )
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
-    assert deploy.stdout.count("deployed  ") == 4, deploy.stdout
+    assert deploy.stdout.count("deployed  ") == 6, deploy.stdout
     api = httpx.Client(base_url=server.api, timeout=30)
     deployments = {d["name"]: d for d in api.post("/deployments/filter", json={"limit": 50}).json()}
-    assert set(deployments) == {"embed-nightly", "embed-adhoc", "embed-backfill", "build-index"}
+    assert set(deployments) == {
+        "embed-nightly", "embed-adhoc", "embed-backfill", "build-index", "score", "curate"
+    }  # fmt: skip
     for d in deployments.values():
         assert d["entrypoint"].startswith("clipbatch_flows."), d["entrypoint"]
         assert not d["pull_steps"]
@@ -154,7 +156,9 @@ def test_clipbatch_deploy_registers_deployments_a_worker_runs_from_site_packages
     assert nightly["work_queue_name"] == "default"
     assert deployments["build-index"]["work_queue_name"] == "control"
     automations = api.post("/automations/filter", json={}).json()
-    assert any(a["name"].startswith("build-index__automation") for a in automations)
+    for triggered in ("build-index", "score", "curate"):
+        assert any(a["name"].startswith(f"{triggered}__automation") for a in automations)
+        assert deployments[triggered]["work_queue_name"] == "control"
     queue = api.post("/work_pools/clipbatch-local/queues/filter", json={}).json()
     assert {q["name"]: q["concurrency_limit"] for q in queue}.get("default") == 2
 

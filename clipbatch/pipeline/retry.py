@@ -35,6 +35,7 @@ from clipbatch.pipeline.shard import ShardContext, encoded_blocks, shard_writer,
 from clipbatch.records import (
     FETCH_ERROR,
     FETCH_TRANSIENT,
+    RETRYABLE_STATUSES,
     ShardResult,
     ShardSpec,
     StageTimings,
@@ -53,8 +54,8 @@ def retryable_statuses(metadata: dict) -> frozenset[str]:
     ``fetch_transient`` existed (no ``fetch_attempts`` in their metadata) said
     ``fetch_error`` for every fetch failure, transient or not."""
     if "fetch_attempts" in metadata:
-        return frozenset({FETCH_TRANSIENT})
-    return frozenset({FETCH_TRANSIENT, FETCH_ERROR})
+        return RETRYABLE_STATUSES
+    return RETRYABLE_STATUSES | {FETCH_ERROR}
 
 
 def retry_shard(
