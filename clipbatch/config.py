@@ -330,7 +330,14 @@ class EmbedConfig(_Frozen):
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> EmbedConfig:
-    """Load an :class:`EmbedConfig` from YAML, applying dotted-key ``overrides`` on top."""
+    """Load an :class:`EmbedConfig` from YAML, applying dotted-key ``overrides`` on top.
+
+    Example::
+
+        from clipbatch.config import load_config
+
+        config = load_config("run.yaml", overrides={"runtime.device": "cuda:0"})
+    """
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
@@ -341,7 +348,18 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Em
 
 
 def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> EmbedConfig:
-    """Validate a raw mapping plus dotted overrides (``runtime.batch_size=64``)."""
+    """Validate a raw mapping plus dotted overrides (``runtime.batch_size=64``).
+
+    Example::
+
+        from clipbatch.config import build_config
+
+        config = build_config(
+            {"source": "s3://bucket/laion/", "dest": "s3://bucket/emb/", "model": "ViT-B/32"},
+            overrides={"runtime.batch_size": 128},
+        )
+        config.runtime.batch_size  # 128
+    """
     data = EmbedConfig._shorthand(raw)  # normalise shorthand before merging overrides
     data = copy.deepcopy(data)
     for dotted, value in (overrides or {}).items():

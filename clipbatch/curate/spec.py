@@ -125,7 +125,16 @@ class CurationSpec(_Model):
 
 
 def load_spec(source: str | Path | dict[str, Any] | CurationSpec) -> CurationSpec:
-    """A spec from a YAML file, a mapping, or a spec; a clear error otherwise."""
+    """A spec from a YAML file, a mapping, or a spec; a clear error otherwise.
+
+    Example::
+
+        from clipbatch.curate.spec import load_spec
+
+        spec = load_spec("curate.yaml")
+        spec = load_spec({"name": "laion-style", "rules": {"min_similarity": 0.28},
+                          "output": {"url": "s3://bucket/curated/"}})
+    """
     if isinstance(source, CurationSpec):
         return source
     where = "the curation spec"

@@ -49,7 +49,9 @@ def keras_weights_to_state_dict(name: str, weights: list[np.ndarray]) -> dict[st
     }
     for i in range(LINEARS[name]):
         kernel, bias = dense[2 * i], dense[2 * i + 1]
-        state[f"linear_{i + 1}.weight"] = torch.from_numpy(np.ascontiguousarray(kernel.T, np.float32))
+        state[f"linear_{i + 1}.weight"] = torch.from_numpy(
+            np.ascontiguousarray(kernel.T, np.float32)
+        )
         state[f"linear_{i + 1}.bias"] = torch.from_numpy(np.asarray(bias, np.float32))
     model = NAMED[name].build()
     model.load_state_dict(state)  # the shapes must be the head's: fails loudly if not
@@ -57,16 +59,23 @@ def keras_weights_to_state_dict(name: str, weights: list[np.ndarray]) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clipbatch.heads.convert_keras", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m clipbatch.heads.convert_keras", description=__doc__
+    )
     parser.add_argument("head", choices=sorted(LINEARS))
     parser.add_argument("out", help="the .safetensors file to write")
-    parser.add_argument("--source", help="the published zip, or its unpacked folder (default: download)")
+    parser.add_argument(
+        "--source", help="the published zip, or its unpacked folder (default: download)"
+    )
     args = parser.parse_args(argv)
     try:
         import autokeras as ak
         import tensorflow as tf
     except ImportError:
-        print("convert_keras needs tensorflow and autokeras: pip install tensorflow autokeras", file=sys.stderr)
+        print(
+            "convert_keras needs tensorflow and autokeras: pip install tensorflow autokeras",
+            file=sys.stderr,
+        )
         return 2
     from safetensors.torch import save_file
 
@@ -80,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
             folder = next(p for p in Path(work).iterdir() if p.is_dir())
         model = tf.keras.models.load_model(str(folder), custom_objects=ak.CUSTOM_OBJECTS)
         state = keras_weights_to_state_dict(args.head, model.get_weights())
-    save_file(state, args.out, metadata={"head": args.head, "source": str(source), "source_sha256": digest})
+    save_file(
+        state,
+        args.out,
+        metadata={"head": args.head, "source": str(source), "source_sha256": digest},
+    )
     print(f"wrote {args.out} ({args.head}, from {source}, sha256 {digest[:12]}…)")
     return 0
 

@@ -98,11 +98,29 @@ NAMED: dict[str, NamedHead] = {
 
 
 def list_heads() -> list[str]:
+    """The heads clipbatch can name (each also takes =PATH to local weights).
+
+    Example::
+
+        from clipbatch.heads.registry import list_heads
+
+        list_heads()  # ['aesthetic-laion-v2', 'nsfw-laion-b32', 'nsfw-laion-l14']
+    """
     return sorted(NAMED)
 
 
 def load_head(ref: str) -> Head:
-    """A head from ``name``, ``name=PATH`` or a user head's ``PATH.json``."""
+    """A head from ``name``, ``name=PATH`` or a user head's ``PATH.json``.
+
+    Example::
+
+        from clipbatch.heads.registry import load_head
+
+        head = load_head("aesthetic-laion-v2")                     # downloaded once, sha256 pinned
+        head = load_head("nsfw-laion-l14=nsfw-l14.safetensors")    # converted once from Keras
+        head = load_head("heads/my-quality.json")                  # a user's head
+        scores = head.score(vectors)                                # float32, one per row
+    """
     name, sep, path = ref.partition("=")
     if name in NAMED:
         return _named(NAMED[name], Path(path) if sep else None)

@@ -74,7 +74,16 @@ def score_root(
     storage: StorageOptions | None = None,
     run_meta: dict[str, Any] | None = None,
 ) -> ScoreReport:
-    """Score the new and rewritten shard files under ``root`` with each head."""
+    """Score the new and rewritten shard files under ``root`` with each head.
+
+    Example::
+
+        from clipbatch.heads.registry import load_head
+        from clipbatch.judge.score import score_root
+
+        report = score_root("s3://bucket/emb/vit-l-14", [load_head("aesthetic-laion-v2")])
+        report.heads[0].files_scored, report.heads[0].files_current
+    """
     snap = snapshot(root, storage)
     report = ScoreReport(root)
     for head in heads:

@@ -132,7 +132,15 @@ def semdedup_root(
     collect_pairs: bool = False,
 ) -> SemDedupReport:
     """Group the duplicates among the rows of new and rewritten files under ``root``,
-    against every earlier row; write each new file's groups beside its table."""
+    against every earlier row; write each new file's groups beside its table.
+
+    Example::
+
+        from clipbatch.judge.semdedup import SemDedupSettings, semdedup_root
+
+        report = semdedup_root("s3://bucket/emb/vit-b-32", SemDedupSettings(eps=0.05))
+        report.rows_new, report.duplicates_new
+    """
     settings = settings or SemDedupSettings()
     settings.check()
     start = time.perf_counter()

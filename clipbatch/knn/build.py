@@ -53,7 +53,15 @@ def build_index(
     storage: StorageOptions | None = None,
     run_meta: dict[str, Any] | None = None,
 ) -> BuildReport:
-    """Build (or update) the index ``name`` ("image" or "text") of the tables under ``root``."""
+    """Build (or update) the index ``name`` ("image" or "text") of the tables under ``root``.
+
+    Example::
+
+        from clipbatch.knn.build import build_index
+        from clipbatch.knn.policy import IndexSettings
+
+        report = build_index("emb/", "image", IndexSettings(factory="IVF1024,Flat"))
+    """
     faiss = faiss_module()
     settings = settings or IndexSettings()
     if name not in INDEX_COLUMNS:
@@ -91,7 +99,15 @@ def build_indexes(
     storage: StorageOptions | None = None,
     run_meta: dict[str, Any] | None = None,
 ) -> list[BuildReport]:
-    """Build or update the named indexes (default: image and text)."""
+    """Build or update the named indexes (default: image and text).
+
+    Example::
+
+        from clipbatch.knn.build import build_indexes
+
+        for report in build_indexes("s3://bucket/emb/vit-b-32"):
+            print(report.name, report.mode, report.vectors)  # image built 1000000
+    """
     return [
         build_or_skip(root, name, names is not None, settings, storage, run_meta)
         for name in names or list(INDEX_COLUMNS)

@@ -91,7 +91,17 @@ class KnnIndex:
 def open_index(
     root: str, name: str = "image", storage: StorageOptions | None = None, nprobe: int | None = None
 ) -> KnnIndex | None:
-    """The current build of ``name`` under ``root``, loaded; None when there is none."""
+    """The current build of ``name`` under ``root``, loaded; None when there is none.
+
+    Example::
+
+        from clipbatch.knn.search import open_index
+
+        index = open_index("emb/", "image")
+        if index is not None:
+            for score, row in index.search(query_vectors, 10)[0]:  # the first query's top 10
+                print(score, row["table"], row["key"])
+    """
     build = read_current(root, name, storage)
     if build is None:
         return None

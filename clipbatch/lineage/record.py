@@ -265,7 +265,15 @@ def read_run_record(
 ) -> dict[str, Any] | None:
     """A run record, or None when that run left none; ``inputs`` and ``outputs`` are read
     from their parts into lists unless ``expand`` is false (records before version 2 had
-    them inline)."""
+    them inline).
+
+    Example::
+
+        from clipbatch.lineage.record import read_run_record
+
+        record = read_run_record("s3://bucket/emb/vit-b-32/date=2026-12-03", run_id)
+        record["status"], record["outputs"][:2]
+    """
     fs, path = get_fs(record_uri(dest, run_id), storage)
     try:
         record = json.loads(read_bytes(fs, path))

@@ -28,7 +28,15 @@ HF_EXAMPLES = (
 
 def list_models(family: str | None = None) -> list[str]:
     """Model names in clipbatch's grammar, for one family or all of them (open_clip's
-    only when it is installed)."""
+    only when it is installed).
+
+    Example::
+
+        from clipbatch.models.catalog import list_models
+
+        list_models("openai")  # ['RN50', ..., 'ViT-B/32', 'ViT-L/14', ...]
+        list_models()          # every family, open_clip's when it is installed
+    """
     families = [family] if family else list(FAMILIES)
     out: list[str] = []
     for name in families:

@@ -109,7 +109,17 @@ class LoadedModel:
 
 
 def load_model(cfg: ModelConfig, device: str = "auto", precision: str = "auto") -> LoadedModel:
-    """Load (once per process: :mod:`clipbatch.process`) the model for ``cfg``."""
+    """Load (once per process: :mod:`clipbatch.process`) the model for ``cfg``.
+
+    Example::
+
+        from clipbatch.config import ModelConfig
+        from clipbatch.models.loading import load_model
+
+        model = load_model(ModelConfig(name="ViT-B/32"), device="cuda", precision="fp16")
+        model.embed_dim, model.context_length  # 512, 77
+        model.preprocess  # the model's own preprocessing, as data
+    """
     from clipbatch.process import process_context
 
     process = process_context()

@@ -123,7 +123,15 @@ def run_plan(
     run_id: str,
     on_result: Callable[[ShardResult], None] | None = None,
 ) -> list[ShardResult]:
-    """Run every shard the plan has to do, in this process, and index the commits."""
+    """Run every shard the plan has to do, in this process, and index the commits.
+
+    Example::
+
+        from clipbatch.pipeline.worker import run_plan
+
+        results = run_plan(plan, run_id="my-run")  # plan from plan_shards(config)
+        sum(r.rows for r in results), sum(r.failed_rows for r in results)
+    """
     assert plan.config is not None
     index = IndexWriter(plan.config.sink, run_id)
     results = []

@@ -128,6 +128,16 @@ def plan_shards(
     shards: list[ShardSpec] | None = None,
     shard_slice: ShardSlice | None = None,
 ) -> RunPlan:
+    """Plan a run: list the source and the destination, and decide each shard (encode, skip, retry failed rows).
+
+    Example::
+
+        from clipbatch.config import build_config
+        from clipbatch.plan.planner import plan_shards
+
+        plan = plan_shards(build_config({"source": "data/", "dest": "emb/", "model": "tiny"}))
+        len(plan.todo), len(plan.skipped)  # shards to encode, shards already committed
+    """
     import torch
 
     check_writable(config.sink.url, config.sink.storage)

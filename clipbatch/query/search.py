@@ -132,7 +132,17 @@ def search_root(
     nprobe: int | None = None,
 ) -> tuple[list[list[Hit]], SearchMethod]:
     """Search the table(s) under ``root``: with its kNN index when it has one (and say so,
-    stale or not), else brute force over every table."""
+    stale or not), else brute force over every table.
+
+    Example::
+
+        from clipbatch.query.search import search_root
+
+        hits, method = search_root("emb/", ["a red circle"], k=5)
+        for hit in hits[0]:
+            print(hit.score, hit.key, hit.caption)
+        method.kind  # 'knn' with an index under emb/_knn/, else 'brute force'
+    """
     if k < 1:
         raise ConfigError(f"k must be at least 1, got {k}")
     index = None

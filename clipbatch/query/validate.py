@@ -47,7 +47,15 @@ class Report:
 
 
 def validate(table: OutputTable) -> Report:
-    """Check every shard against its own metadata, the commit index, and the table contracts."""
+    """Check every shard against its own metadata, the commit index, and the table contracts.
+
+    Example::
+
+        from clipbatch.query.validate import validate
+
+        report = validate("s3://bucket/emb/vit-b-32/date=2026-12-03")
+        report.rows, dict(report.status_counts), report.problems[:3]  # no problems: consistent
+    """
     report = Report(dest=table.dest, shards=len(table.files))
     seen: dict[str, str] = {}
     duplicates: Counter = Counter()

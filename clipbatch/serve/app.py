@@ -155,7 +155,17 @@ class ServerState:
 
 def create_app(settings: ServeSettings, state: ServerState | None = None) -> FastAPI:
     """The app for ``settings.root``; loads rows, index and model now (seconds). A
-    ``state`` given is shared (several apps, one model), and left open at shutdown."""
+    ``state`` given is shared (several apps, one model), and left open at shutdown.
+
+    Example::
+
+        import uvicorn
+
+        from clipbatch.serve.app import create_app
+        from clipbatch.serve.settings import ServeSettings
+
+        uvicorn.run(create_app(ServeSettings(root="emb/")), host="127.0.0.1", port=8765)
+    """
     owned = state is None
     state = state or ServerState(settings)
 

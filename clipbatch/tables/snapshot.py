@@ -48,7 +48,15 @@ class Snapshot:
 
 
 def snapshot(root: str, storage: StorageOptions | None = None) -> Snapshot:
-    """Every shard file of every table under ``root``, sorted, with versions and fingerprints."""
+    """Every shard file of every table under ``root``, sorted, with versions and fingerprints.
+
+    Example::
+
+        from clipbatch.tables.snapshot import snapshot
+
+        snap = snapshot("s3://bucket/emb/vit-b-32")
+        [(f.table, f.name, f.version) for f in snap.files][:3]
+    """
     storage = storage or StorageOptions()
     fs, _ = get_fs(root, storage)
     try:

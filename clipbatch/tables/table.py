@@ -93,7 +93,16 @@ class OutputTable:
 
 
 def open_table(dest: str, storage: StorageOptions | None = None) -> OutputTable:
-    """List and read the footers of the shard files under ``dest``."""
+    """List and read the footers of the shard files under ``dest``.
+
+    Example::
+
+        from clipbatch.tables.table import open_table
+
+        table = open_table("s3://bucket/emb/vit-b-32/date=2026-12-03")
+        table.rows, len(table.files)
+        first = table.read(table.files[0], ["key", "caption", "status"])
+    """
     fs, root = get_fs(dest, storage)
     root = root.rstrip("/")
     try:
@@ -128,6 +137,12 @@ def find_tables(
 
     A root is one destination, or a partition root holding nightly ``date=…/``
     destinations at any depth: every folder with shard files is a table.
+
+    Example::
+
+        from clipbatch.tables.table import find_tables
+
+        find_tables("emb/")  # {'date=2026-12-02': {...}, 'date=2026-12-03': {...}}
     """
     from clipbatch.sources.listing import ObjectInfo, find_files, is_bookkeeping
 
@@ -154,7 +169,15 @@ def find_tables(
 
 def open_tables(root: str, storage: StorageOptions | None = None) -> list[OutputTable]:
     """Every table under ``root``: the root itself when it holds shard files, else each
-    partition table below it (see :func:`find_tables`)."""
+    partition table below it (see :func:`find_tables`).
+
+    Example::
+
+        from clipbatch.tables.table import open_tables
+
+        for table in open_tables("s3://bucket/emb/vit-b-32"):  # every date=... partition
+            print(table.dest, table.rows)
+    """
     tables = find_tables(root, storage)
     if not tables:
         raise TableError(f"{root} holds no shard files (*.parquet), nor tables below it")
