@@ -1,4 +1,4 @@
-# Two commands for a fresh machine (README "Start"):
+# Two commands for a fresh machine (README "Two commands"):
 #   make demo   sets up .venv (the package alone) and embeds the built-in demo, offline
 #   make test   sets up .venv with the dev extras and runs the test suite (what CI runs)
 # Each step runs only when what it depends on changed; delete .venv to start over.

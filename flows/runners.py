@@ -29,7 +29,7 @@ from clipbatch.config import RuntimeConfig
 from clipbatch.errors import ConfigError
 
 EngineKind = Literal["threads", "dask", "ray"]
-GPU_RESOURCE = "GPU"  # the Dask worker resource name the README tells workers to advertise
+GPU_RESOURCE = "GPU"  # the Dask worker resource name docs/operations.md tells workers to advertise
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 - ``state.json``: the commit point. The spec it is bound to (its identity), every
   source shard file decided with its version and counts, the curated shards shipped
   (and those staged but not yet published, after a crash), the next shard number.
-- ``selection/{table}/{shard}.parquet``: per source shard file, every row: ``key``,
+- ``selection/{table}/{shard}.{tag}.parquet`` (``tag``: the file version's sha256, 10 hex
+  digits; ``state.json`` names the current one): per source shard file, every row: ``key``,
   ``file``, ``file_version``, ``source_uri``, ``source_member``, ``source_version``,
   ``image_sha256``, ``keep``, ``reasons`` (every reason that dropped it), and for kept
   rows the curated ``shard`` and ``sample_key`` that hold it. Written whole; readers
@@ -54,11 +55,6 @@ SELECTION_SCHEMA = pa.schema(
 
 def selection_home(root: str, name: str) -> str:
     return join(root, CURATE_DIR, name)
-
-
-def selection_uri(root: str, name: str, table: str, shard: str) -> str:
-    parts = [SELECTION_DIR, *([table] if table else []), f"{shard}.parquet"]
-    return join(selection_home(root, name), *parts)
 
 
 def list_selections(root: str, storage: StorageOptions | None = None) -> list[str]:
