@@ -12,7 +12,7 @@ fi
 
 : "${PREFECT_API_URL:?set PREFECT_API_URL, e.g. http://prefect-server:4200/api}"
 pool="${CLIPBATCH_WORK_POOL:-clipbatch-local}"
-limit="${CLIPBATCH_WORKER_LIMIT:-4}"
+limit="${CLIPBATCH_WORKER_LIMIT:-8}"
 
 for _ in $(seq 1 60); do
     curl -fsS "${PREFECT_API_URL%/}/health" >/dev/null 2>&1 && break

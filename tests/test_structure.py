@@ -70,22 +70,60 @@ def test_work_entry_points_apply_the_process_settings() -> None:
 # -- windows --------------------------------------------------------------------------
 
 
+def wait_until(condition, what: str, timeout: float = 10.0) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def blocked_in_queue_put(thread: threading.Thread) -> bool:
+    """Whether ``thread`` waits inside ``queue.Queue.put`` for room (the queue is full)."""
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None and frame.f_back is not None:
+        code, caller = frame.f_code, frame.f_back.f_code
+        if (
+            code.co_name == "wait"
+            and code.co_filename.endswith("threading.py")
+            and caller.co_name == "put"
+            and caller.co_filename.endswith("queue.py")
+        ):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def test_prefetch_reads_ahead_at_most_depth_and_stops_its_producer() -> None:
     produced: list[int] = []
+    name = f"prefetch-test-{os.getpid()}-{threading.get_ident()}"
 
     def source():
         for i in range(1000):
             produced.append(i)
             yield i
 
-    with prefetch(source(), depth=4) as items:
+    def producer() -> threading.Thread:
+        (thread,) = [t for t in threading.enumerate() if t.name == name]
+        return thread
+
+    with prefetch(source(), depth=4, name=name) as items:
         assert next(items) == 0
-        time.sleep(0.2)  # the producer fills the queue and blocks
-        assert len(produced) <= 1 + 4 + 1  # the one taken, the queue, the one in hand
-    time.sleep(0.1)
-    stopped_at = len(produced)
-    time.sleep(0.2)
-    assert len(produced) == stopped_at < 1000  # it stopped, and stays stopped
+        thread = producer()
+        # The producer fills the queue and parks in put() with one more item in hand; from
+        # then on it cannot produce anything until the consumer takes an item.
+        wait_until(lambda: len(produced) >= 1 + 4 + 1, "the producer to read ahead")
+        wait_until(lambda: blocked_in_queue_put(thread), "the producer to block on a full queue")
+        assert len(produced) == 1 + 4 + 1  # the one taken, the queue, the one in hand
+        assert next(items) == 1  # taking one lets exactly one more in
+        wait_until(lambda: len(produced) >= 2 + 4 + 1, "the producer to read one more")
+        wait_until(lambda: blocked_in_queue_put(thread), "the producer to block again")
+        assert len(produced) == 2 + 4 + 1
+    # Leaving the block stops the producer: its thread ends, so nothing more is produced.
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert len(produced) == 2 + 4 + 1 < 1000  # it stopped where it was, and stays stopped
 
 
 def test_prefetch_hands_a_producer_error_to_the_consumer() -> None:
@@ -99,13 +137,21 @@ def test_prefetch_hands_a_producer_error_to_the_consumer() -> None:
 
 def test_ordered_keeps_input_order_and_a_bounded_window() -> None:
     started: list[int] = []
+    finished: list[int] = []  # the order the work completed in
+    timed_out: list[int] = []
+    done = {i: threading.Event() for i in range(21)}
     in_flight = {"now": 0, "max": 0}
     lock = threading.Lock()
 
     def work(i: int) -> int:
-        time.sleep(0.01 * (5 - i % 5))  # later items finish first
+        # Each even item waits for the odd one after it: later items finish first. The odd
+        # one is always started before the even one is awaited (the window holds both).
+        if i % 2 == 0 and i + 1 < 20 and not done[i + 1].wait(timeout=10):
+            timed_out.append(i)
         with lock:
             in_flight["now"] -= 1
+            finished.append(i)
+        done[i].set()
         return i * i
 
     with ThreadPoolExecutor(8) as pool:
@@ -118,7 +164,12 @@ def test_ordered_keeps_input_order_and_a_bounded_window() -> None:
             return pool.submit(work, i)
 
         out = [(i, f.result()) for i, f in ordered(range(20), start, ahead=3)]
+    assert timed_out == []
+    # Completion order was not input order (each odd item finished before its even one) ...
+    assert all(finished.index(i + 1) < finished.index(i) for i in range(0, 20, 2)), finished
+    # ... and the output is in input order all the same, with a window of 3.
     assert out == [(i, i * i) for i in range(20)]
+    assert started == list(range(20))
     assert in_flight["max"] <= 3
 
 

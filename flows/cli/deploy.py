@@ -48,5 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     for name, deployment_id in deploy(args.names, args.pool, args.gpu_slots):
         print(f"deployed  {name}  ({deployment_id})")
-    print(f"next:     prefect worker start --pool {args.pool} --limit {args.gpu_slots + 2}")
+    # The GPU slots, plus one each for a backfill, an index build, a score and a curate run
+    # (the control queue's flows), so none of them waits for a GPU run to finish.
+    print(f"next:     prefect worker start --pool {args.pool} --limit {args.gpu_slots + 4}")
     return 0

@@ -159,6 +159,16 @@ def test_worker_gpu_reservation_and_volumes(compose: dict[str, Any], dockerfile)
     worker = compose["services"]["worker"]
     (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    # Exactly a count of NVIDIA GPUs (not device_ids, not "all"), and nothing else.
+    assert set(device) == {"driver", "count", "capabilities"}, device
+    assert isinstance(device["count"], int) and device["count"] >= 1
+    # Only the worker reserves a GPU: the server, MinIO and one-shot services do not.
+    reserving = [
+        name
+        for name, service in compose["services"].items()
+        if (service.get("deploy") or {}).get("resources", {}).get("reservations", {}).get("devices")
+    ]
+    assert reserving == ["worker"]
     # One embedding run per reserved GPU, and worker slots to spare for backfill runs,
     # which wait on their children from another queue, and for index builds.
     env = _env(worker)
@@ -170,10 +180,16 @@ def test_worker_gpu_reservation_and_volumes(compose: dict[str, Any], dockerfile)
         "embed-adhoc": "default",
         "embed-backfill": "control",
         "build-index": "control",
+        "score": "control",
+        "curate": "control",
     }
-    # A backfill and the index builds (at most two) never starve the GPU slots.
-    index_limit = _deployment("build-index")["concurrency_limit"]["limit"]
-    assert int(env["CLIPBATCH_WORKER_LIMIT"]) >= int(env["CLIPBATCH_GPU_SLOTS"]) + 1 + index_limit
+    # A backfill, the index builds, score and curate runs (each deployment's limit) never
+    # starve the GPU slots.
+    control = sum(
+        _deployment(name)["concurrency_limit"]["limit"]
+        for name in ("build-index", "score", "curate")
+    )
+    assert int(env["CLIPBATCH_WORKER_LIMIT"]) >= int(env["CLIPBATCH_GPU_SLOTS"]) + 1 + control
     entry = (DOCKER / "entrypoint.sh").read_text()
     assert 'set-concurrency-limit default "${CLIPBATCH_GPU_SLOTS' in entry
 
@@ -252,8 +268,27 @@ def test_gpu_job_templates(name: str, dockerfile) -> None:
     used = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", json.dumps(template["job_configuration"])))
     assert used == set(variables["properties"]), used ^ set(variables["properties"])
     assert defaults["env"]["CLIPBATCH_HOME"] == dockerfile["env"]["CLIPBATCH_HOME"]
-    text = json.dumps(template["job_configuration"])
-    assert "gpu" in text
+    job = template["job_configuration"]
+    # The GPU request itself, exactly, and bound to its variable.
+    if name.startswith("docker"):
+        # docker-py's DeviceRequest: NVIDIA driver, the chosen device ids, capability gpu.
+        assert job["container_create_kwargs"]["device_requests"] == [
+            {"driver": "nvidia", "device_ids": "{{ gpu_device_ids }}", "capabilities": [["gpu"]]}
+        ]
+        ids = variables["properties"]["gpu_device_ids"]
+        assert ids["type"] == "array" and ids["minItems"] >= 1 and defaults["gpu_device_ids"]
+    else:
+        (container,) = job["job_manifest"]["spec"]["template"]["spec"]["containers"]
+        resources = container["resources"]
+        assert resources["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
+        assert resources["requests"]["nvidia.com/gpu"] == "{{ gpu_count }}"
+        count = variables["properties"]["gpu_count"]
+        assert count["type"] == "integer" and count["minimum"] >= 1 and defaults["gpu_count"] >= 1
+        # Scheduled onto GPU nodes, tolerating their taint.
+        assert defaults["node_selector"] == {"nvidia.com/gpu.present": "true"}
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in defaults[
+            "tolerations"
+        ]
     if name.startswith("kubernetes"):
         uid = re.search(r"ARG UID=(\d+)", (DOCKER / "Dockerfile").read_text()).group(1)
         pod = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]

@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import re
+import subprocess
 import tarfile
 
 import boto3
@@ -26,6 +29,7 @@ from clipbatch.synthetic import write_webdataset
 from tests import prefect_readback
 from tests.conftest import upload_dir
 from tests.helpers import read_table, tiny_s3_config
+from tests.paths import REPO
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -78,6 +82,7 @@ def test_rows_trace_to_source_versions_and_stale_sources_are_redone(
         record["code"]["version"]
         and record["model"]["checkpoint_sha256"] == (meta["model"]["checkpoint_sha256"])
     )
+    assert record["code"]["git_commit"] == expected_commit()
     assert {i["uri"]: i["version"] for i in record["inputs"]} == {
         f"s3://{s3_bucket}/{k}": f"etag:{v}" for k, v in etags.items()
     }
@@ -144,8 +149,24 @@ def test_rows_trace_to_source_versions_and_stale_sources_are_redone(
     assert meta["source"]["version"] == f"etag:{new_etag}" != f"etag:{etags['laion/00001.tar']}"
 
 
-def test_record_is_valid_json_mid_run_and_says_how_far(tmp_path):
+def checkout_head() -> str:
+    """``git rev-parse HEAD`` of this checkout, the code the tests run."""
+    out = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    )
+    head = out.stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{40}", head), head
+    return head
+
+
+def expected_commit() -> str:
+    """What a run record must name: $CLIPBATCH_GIT_COMMIT (images) or the checkout's HEAD."""
+    return os.environ.get("CLIPBATCH_GIT_COMMIT") or checkout_head()
+
+
+def test_record_is_valid_json_mid_run_and_says_how_far(tmp_path, monkeypatch):
     """A run that dies after one of two shards leaves a record saying so."""
+    monkeypatch.delenv("CLIPBATCH_GIT_COMMIT", raising=False)
     dest = tmp_path / "out"
     config = build_config({"source": str(tmp_path / "src"), "dest": str(dest)})
     shards = [
@@ -165,6 +186,8 @@ def test_record_is_valid_json_mid_run_and_says_how_far(tmp_path):
     path = dest / "_lineage" / "run-1.json"
     first = json.loads(path.read_text())
     assert first["status"] == "running" and first["progress"]["shards_done"] == 0
+    # The code version: run from this checkout, the commit is its HEAD.
+    assert first["code"]["git_commit"] == checkout_head()
     assert first["inputs"] == {"count": 2, "parts": 2}  # one entry per part here
     first = read_run_record(str(dest), "run-1")
     assert [i["version"] for i in first["inputs"]] == ["size:1:mtime:00000", "size:1:mtime:00001"]
@@ -189,6 +212,24 @@ def test_record_is_valid_json_mid_run_and_says_how_far(tmp_path):
         "inputs-00001.jsonl.gz",
         "outputs-00000.jsonl.gz",
     ]
+
+
+def test_record_names_the_image_commit_when_one_is_given(tmp_path, monkeypatch):
+    """In an image there is no .git: the build passes the commit in CLIPBATCH_GIT_COMMIT."""
+    monkeypatch.setenv("CLIPBATCH_GIT_COMMIT", "0123456789abcdef0123456789abcdef01234567")
+    dest = tmp_path / "out"
+    config = build_config({"source": str(tmp_path / "src"), "dest": str(dest)})
+    plan = RunPlan(
+        checkpoint=ResolvedCheckpoint(load_arg="x", sha256="ab" * 32, display_name="tiny"),
+        shards=[],
+        fingerprints={},
+        todo=[],
+    )
+    writer = RunRecordWriter(config, {"flow_run_id": "run-2", "flow_name": "f"}, min_interval_s=0)
+    writer.run_started(plan)
+    record = read_run_record(str(dest), "run-2")
+    assert record["code"]["git_commit"] == "0123456789abcdef0123456789abcdef01234567"
+    assert record["code"]["git_commit"] != checkout_head()
 
 
 def test_progress_artifact_advances_as_shards_finish(prefect_harness, tmp_path):

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import time
+import socket
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import open_clip
@@ -25,6 +26,8 @@ from clipbatch.models.loading import LoadedModel, load_model, resolve_checkpoint
 from clipbatch.preprocess.decode import DecodeOptions, decode_to_pixels
 from clipbatch.preprocess.resize import CLIP_MEAN, CLIP_STD, ImagePreprocess
 from tests import model_fixtures as mf
+from tests.faultproxy import FaultProxy
+from tests.models.netwatch import network_attempts
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -200,11 +203,39 @@ def test_bad_folders_and_offline_hub_names_fail_clearly(tmp_path: Path) -> None:
         resolve_checkpoint(ModelConfig(name="open_clip:ViT-B-32:nope"))
     with pytest.raises(ConfigError, match="no architecture"):
         resolve_checkpoint(ModelConfig(name="open_clip:ViT-Q-99:laion"))
-    start = time.monotonic()
-    for name in ("open_clip:ViT-B-32:laion2b_s34b_b79k", "open_clip:hf-hub:laion/not-cached-here"):
-        with pytest.raises(ConfigError, match="HF_HUB_OFFLINE"):
-            resolve_checkpoint(ModelConfig(name=name))
-    assert time.monotonic() - start < 20  # offline: no network wait
+
+
+def test_hub_names_fail_offline_without_touching_the_network(folders: dict[str, Path]) -> None:
+    """Offline means no connection and no name lookup is even attempted (pytest-socket
+    would refuse one; this shows none was tried), while local folders still load."""
+    with network_attempts() as attempts:
+        for name in (
+            "open_clip:ViT-B-32:laion2b_s34b_b79k",
+            "open_clip:hf-hub:laion/not-cached-here",
+        ):
+            with pytest.raises(ConfigError, match="HF_HUB_OFFLINE"):
+                resolve_checkpoint(ModelConfig(name=name))
+        loaded = load(folders["shortest"])  # with the hub offline, a folder loads as ever
+    assert attempts == []
+    assert loaded.family == "open_clip"
+    # The counter does see a connection when one is made: the check above can fail.
+    with network_attempts() as seen, socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with socket.create_connection(s.getsockname()):
+            pass
+    assert [call for call, _ in seen].count("connect") == 1
+
+
+def object_gets(proxy: FaultProxy, bucket: str, prefix: str) -> list[str]:
+    """The keys of the object bodies fetched (GET, not a listing) under ``prefix``."""
+    keys = []
+    for ex in proxy.exchanges:
+        parts = urlsplit(ex.target)
+        path = unquote(parts.path).lstrip("/")
+        if ex.method == "GET" and path.startswith(f"{bucket}/{prefix}") and not parts.query:
+            keys.append(path[len(bucket) + 1 :])
+    return keys
 
 
 def test_object_store_folder_is_fetched_once_per_version(
@@ -214,26 +245,48 @@ def test_object_store_folder_is_fetched_once_per_version(
     from tests.conftest import upload_dir
 
     url = upload_dir(folders["shortest"], s3_bucket, "models/oc", s3_endpoint)
-    cfg = ModelConfig(
-        name=f"open_clip:local-dir:{url}/", storage=StorageOptions(endpoint_url=s3_endpoint)
+    files = sorted(
+        f"models/oc/{p.relative_to(folders['shortest']).as_posix()}"
+        for p in folders["shortest"].rglob("*")
+        if p.is_file()
     )
-    local = resolve_checkpoint(ModelConfig(name=name_of(folders["shortest"])))
-    first = resolve_checkpoint(cfg)
-    assert first.sha256 == local.sha256
-    assert first.fingerprint_identity() == local.fingerprint_identity()  # location is not identity
-    assert first.source == f"{url}/" and first.display_name == cfg.name
-    cached = Path(first.load_arg)
-    assert cached.is_dir() and cached != folders["shortest"]
-    assert resolve_checkpoint(cfg).load_arg == first.load_arg  # unchanged objects: no new fetch
-    # A changed object (new ETag) is fetched again, into a new cache entry.
-    import boto3
+    proxy = FaultProxy(s3_endpoint).start()  # counts every request to the store
+    try:
+        cfg = ModelConfig(
+            name=f"open_clip:local-dir:{url}/", storage=StorageOptions(endpoint_url=proxy.url)
+        )
+        local = resolve_checkpoint(ModelConfig(name=name_of(folders["shortest"])))
+        first = resolve_checkpoint(cfg)
+        # The first use downloads every object of the folder (a GET that failed and was
+        # retried would show twice: the set is what was fetched).
+        assert sorted(set(object_gets(proxy, s3_bucket, "models/oc/"))) == files
+        assert first.sha256 == local.sha256
+        assert (
+            first.fingerprint_identity() == local.fingerprint_identity()
+        )  # location is not identity
+        assert first.source == f"{url}/" and first.display_name == cfg.name
+        cached = Path(first.load_arg)
+        assert cached.is_dir() and cached != folders["shortest"]
+        proxy.exchanges.clear()
+        again = resolve_checkpoint(cfg)
+        # Unchanged objects: not one object fetched again.
+        assert object_gets(proxy, s3_bucket, "models/oc/") == []
+        assert again.load_arg == first.load_arg
+        # A changed object (new ETag) is fetched again, into a new cache entry.
+        import boto3
 
-    config_json = (folders["longest"] / "open_clip_config.json").read_bytes()
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").put_object(
-        Bucket=s3_bucket, Key="models/oc/open_clip_config.json", Body=config_json
-    )
-    changed = resolve_checkpoint(cfg)
-    assert changed.load_arg != first.load_arg
-    assert changed.fingerprint_identity() != first.fingerprint_identity()
-    loaded = load_model(cfg, "cpu")
-    assert loaded.image_preprocess.resize_mode == "longest"
+        config_json = (folders["longest"] / "open_clip_config.json").read_bytes()
+        boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").put_object(
+            Bucket=s3_bucket, Key="models/oc/open_clip_config.json", Body=config_json
+        )
+        proxy.exchanges.clear()
+        changed = resolve_checkpoint(cfg)
+        assert sorted(set(object_gets(proxy, s3_bucket, "models/oc/"))) == files  # new version
+        assert changed.load_arg != first.load_arg
+        assert changed.fingerprint_identity() != first.fingerprint_identity()
+        proxy.exchanges.clear()
+        loaded = load_model(cfg, "cpu")
+        assert object_gets(proxy, s3_bucket, "models/oc/") == []  # loads from the cache
+        assert loaded.image_preprocess.resize_mode == "longest"
+    finally:
+        proxy.stop()

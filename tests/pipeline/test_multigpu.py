@@ -25,14 +25,15 @@ from tests.multigpu_targets import die_on, report
 
 
 @pytest.mark.timeout(120)
-def test_each_worker_process_gets_its_own_device_and_jobs_spread() -> None:
+def test_each_worker_process_gets_its_own_device_and_jobs_spread(tmp_path: Path) -> None:
     devices = ["dev0", "dev1", "dev2"]
     pool = DevicePool(devices, report)
     results: list[tuple[str, int, str, int]] = []
     lock = threading.Lock()
 
     def call(job: int) -> None:
-        out = pool.run(job)
+        # No job finishes before every worker holds one (report's rendezvous).
+        out = pool.run(job, str(tmp_path), len(devices))
         with lock:
             results.append(out)
 
@@ -54,6 +55,9 @@ def test_each_worker_process_gets_its_own_device_and_jobs_spread() -> None:
     pids = {next(iter(p)) for p in pid_of.values()}
     assert len(pids) == 3 and os.getpid() not in pids
     assert max(Counter(r[0] for r in results).values()) < 18
+    # Each worker checked in once, under its own pid, with its own device.
+    checked_in = {int(p.name): p.read_text() for p in tmp_path.iterdir()}
+    assert checked_in == {next(iter(p)): d for d, p in pid_of.items()}
 
 
 @pytest.mark.timeout(120)

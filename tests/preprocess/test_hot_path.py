@@ -87,12 +87,37 @@ def test_exact_mode_is_bit_identical_and_fast_mode_within_fidelity(
     assert cosines(enc.encode_images(fast), ref).min() >= 0.9999
 
 
+# Non-square both ways, upscaled, and very thin: where squashing or a wrong crop shows.
+GEOMETRY_SIZES = [(97, 64), (64, 130), (300, 220), (10, 500), (500, 37), (224, 224)]
+
+
 def test_fast_resize_matches_torchvision_geometry() -> None:
-    rng = np.random.default_rng(0)
-    for h, w in [(64, 97), (130, 64), (224, 224), (10, 500)]:
-        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        out = resize_crop_array(arr, 32)
-        assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    """The fast path is torchvision's Resize(shortest side, bicubic, antialias) followed by
+    CenterCrop, on real (non-constant, non-square) pictures: compared with torchvision's
+    own transform on the same uint8 tensor and on the PIL image the reference uses."""
+    from torchvision import transforms as T
+    from torchvision.transforms import InterpolationMode
+
+    n_px = 32
+    reference_transform = T.Compose(
+        [
+            T.Resize(n_px, interpolation=InterpolationMode.BICUBIC, antialias=True),
+            T.CenterCrop(n_px),
+        ]
+    )
+    for w, h in GEOMETRY_SIZES:
+        [data] = images([(w, h)], seed=w + h)
+        pil = Image.open(io.BytesIO(data)).convert("RGB")
+        arr = np.array(pil)
+        assert arr.std() > 10  # a picture, not a flat colour: geometry errors show
+        out = resize_crop_array(arr, n_px)
+        assert out.shape == (n_px, n_px, 3) and out.dtype == np.uint8
+        via_tensor = reference_transform(torch.from_numpy(arr).permute(2, 0, 1))
+        via_pil = np.asarray(reference_transform(pil))
+        for name, ref in (("tensor", via_tensor.permute(1, 2, 0).numpy()), ("PIL", via_pil)):
+            diff = np.abs(out.astype(int) - ref.astype(int))
+            # Fixed-point rounding only: at most 1 level on a few pixels (module docstring).
+            assert diff.max() <= 1 and diff.mean() < 0.25, (name, (w, h), diff.max(), diff.mean())
     flat = np.full((50, 80, 3), 77, np.uint8)  # a constant image stays constant
     assert (resize_crop_array(flat, 32) == 77).all()
 
@@ -165,17 +190,35 @@ def test_device_jpeg_decode_falls_back_per_image() -> None:
     corrupt = good[1][: len(good[1]) // 3]
     datas = [good[0], buf.getvalue(), buf2.getvalue(), good[1], corrupt]
     fell_back: list[int] = []
+    errors: dict[int, str] = {}
 
     def fallback(i: int) -> np.ndarray | None:
         fell_back.append(i)
         try:
             return decode_to_pixels(datas[i], DecodeOptions(32, "fast"))[0]
-        except Exception:  # noqa: BLE001 - the caller records a decode_error row
+        except Exception as e:  # noqa: BLE001 - the caller records a decode_error row
+            errors[i] = f"{type(e).__name__}: {e}"
             return None
 
     # The CPU device exercises the same code path a CUDA device takes.
     out = decode_jpegs_on_device(datas, 32, "cpu", fallback)
     assert 1 in fell_back and 2 in fell_back and 0 not in fell_back
+    # The corrupt JPEG: the device decoder gave it up, the CPU could not decode it either,
+    # and it comes back empty (a decode_error row) with the reason, not as pixels.
+    assert 4 in fell_back and out[4] is None
+    assert list(errors) == [4] and "truncated" in errors[4], errors
+    # Through the batch's rows, as the pipeline runs it: the corrupt one alone is a
+    # decode_error row, with the reason; the others are ok.
+    from clipbatch.preprocess.decode import finish_on_device, prepare
+    from clipbatch.records import RawSample
+
+    opts = DecodeOptions(32, "gpu")
+    rows = [
+        prepare(RawSample(str(i), f"{i}.jpg", image_bytes=d), opts) for i, d in enumerate(datas)
+    ]
+    finish_on_device(rows, opts, "cpu")
+    assert [r.raw.status for r in rows] == ["ok", "ok", "ok", "ok", "decode_error"]
+    assert rows[4].pixels is None and "truncated" in (rows[4].raw.error or "").lower()
     for i in (0, 3):
         assert isinstance(out[i], torch.Tensor) and tuple(out[i].shape) == (3, 32, 32)
         cpu = decode_to_pixels(datas[i], DecodeOptions(32, "fast"))[0]

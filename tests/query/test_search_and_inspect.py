@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import re
 import shutil
 from pathlib import Path
 
@@ -42,6 +44,76 @@ def table_dir(prefect_harness, tmp_path_factory) -> Path:
     return dest
 
 
+class Reference:
+    """Expected search results from clip's own calls, not from clipbatch's encoder path:
+    the tiny checkpoint through ``clip.load``, ``encode_text(clip.tokenize(q))``, and the
+    cosine with every stored image vector of the table."""
+
+    def __init__(self, table_dir: Path) -> None:
+        import clip
+        import torch
+
+        from clipbatch.models.openai import TINY_CHECKPOINT
+
+        output = open_table(str(table_dir))
+        assert output.model_metadata()["name"] == "tiny"
+        model, _ = clip.load(str(TINY_CHECKPOINT), device="cpu", jit=False)
+        self.model, self.clip, self.torch = model.float().eval(), clip, torch
+        table = output.read_all()
+        img, _ = embedding_matrix(table.column("image_embedding"))
+        self.images = normalize_rows(img).astype(np.float64)
+        self.keys = table.column("key").to_pylist()
+        self.captions = table.column("caption").to_pylist()
+
+    def query(self, text: str) -> np.ndarray:
+        with self.torch.no_grad():
+            t = self.model.encode_text(self.clip.tokenize([text], truncate=True))[0]
+        t = t.double().numpy()
+        return t / np.linalg.norm(t)
+
+    def scores(self, text: str) -> dict[str, float]:
+        """Every key's cosine with ``text``."""
+        return dict(zip(self.keys, self.images @ self.query(text), strict=True))
+
+    def top(self, text: str, k: int) -> list[tuple[str, float, str]]:
+        """(key, score, caption) of the ``k`` best rows."""
+        scores = self.images @ self.query(text)
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [(self.keys[i], float(scores[i]), self.captions[i]) for i in order]
+
+    def check_listing(self, text: str, listed: list[tuple[float, str, str]], k: int) -> None:
+        """``listed`` ((score, key, caption) as printed, 3 decimals) are the k best rows."""
+        scores = self.scores(text)
+        captions = dict(zip(self.keys, self.captions, strict=True))
+        best = [s for _, s, _ in self.top(text, k)]
+        assert len(listed) == k, listed
+        for (score, key, caption), want in zip(listed, best, strict=True):
+            assert abs(score - want) <= 1.5e-3, (text, key, score, want)  # the k best scores
+            assert abs(scores[key] - score) <= 1.5e-3, (text, key)  # and this key's own
+            assert caption == captions[key]
+
+
+HIT_LINE = re.compile(r"^\s+(?:\d+\.\s+)?([+-]\d\.\d{3})\s\s(\S+)\s\s(.*)$")
+
+
+def listed_hits(section: str) -> dict[str, list[tuple[float, str, str]]]:
+    """Printed results by query: the lines after each quoted query."""
+    out: dict[str, list[tuple[float, str, str]]] = {}
+    current = None
+    for line in section.splitlines():
+        stripped = line.strip()
+        if len(stripped) > 1 and stripped[0] == stripped[-1] == "'":
+            current = out.setdefault(ast.literal_eval(stripped), [])
+        elif current is not None and (m := HIT_LINE.match(line)):
+            current.append((float(m.group(1)), m.group(2), m.group(3)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(table_dir: Path) -> Reference:
+    return Reference(table_dir)
+
+
 @pytest.fixture
 def copy_of(table_dir: Path, tmp_path: Path) -> Path:
     dest = tmp_path / "emb"
@@ -49,34 +121,37 @@ def copy_of(table_dir: Path, tmp_path: Path) -> Path:
     return dest
 
 
-def test_search_ranks_every_image_by_cosine_across_shards(table_dir: Path) -> None:
+def test_search_ranks_every_image_by_cosine_across_shards(
+    table_dir: Path, reference: Reference
+) -> None:
     output = open_table(str(table_dir))
     [hits] = search(output, ["a red circle"], k=output.rows)
-    table = output.read_all()
-    img, _ = embedding_matrix(table.column("image_embedding"))
-    query = TextQueryEncoder(output, "cpu")(["a red circle"])[0]
-    expected = np.argsort(-(normalize_rows(img) @ query), kind="stable")
-    keys = table.column("key").to_pylist()
-    assert [h.key for h in hits] == [keys[i] for i in expected]
+    expected = reference.top("a red circle", output.rows)
+    own = reference.scores("a red circle")
+    assert sorted(h.key for h in hits) == sorted(reference.keys)  # every row, once
+    for hit, (key, score, _) in zip(hits, expected, strict=True):
+        # Ranked as clip's own text vector ranks them; a swap only where scores tie.
+        assert abs(hit.score - score) < 1e-4, (hit.rank, hit.key, key)
+        assert abs(own[hit.key] - hit.score) < 1e-4, hit.key
+    assert [h.key for h in hits][:3] == [k for k, _, _ in expected][:3]
     assert [h.rank for h in hits] == list(range(1, output.rows + 1))
     scores = [h.score for h in hits]
     assert scores == sorted(scores, reverse=True) and -1 <= scores[-1] <= scores[0] <= 1
+    # The query vector itself is clip's.
+    query = TextQueryEncoder(output, "cpu")(["a red circle"])[0]
+    assert float(query @ reference.query("a red circle")) >= 0.9999
 
 
-def test_search_cli_local(table_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert (
-        main(
-            ["search", "a red circle", "a large blue square", "--table", str(table_dir), "-k", "3"]
-        )
-        == 0
-    )
+def test_search_cli_local(
+    table_dir: Path, reference: Reference, capsys: pytest.CaptureFixture[str]
+) -> None:
+    queries = ["a red circle", "a large blue square"]
+    assert main(["search", *queries, "--table", str(table_dir), "-k", "3"]) == 0
     out = capsys.readouterr().out
-    [hits_red, hits_blue] = search(
-        open_table(str(table_dir)), ["a red circle", "a large blue square"], k=3
-    )
-    for hit in [*hits_red, *hits_blue]:
-        assert f"{hit.score:+.3f}  {hit.key}  {hit.caption}" in out
-    assert out.index("'a red circle'") < out.index(hits_red[0].key)
+    listed = listed_hits(out)
+    assert list(listed) == queries  # in the order asked, each under its query
+    for query in queries:
+        reference.check_listing(query, listed[query], 3)
     assert "model tiny" in out
 
 
@@ -207,11 +282,11 @@ def test_demo_answers_text_queries_from_its_table(
     out = capsys.readouterr().out
     assert "trained on synthetic shapes" in out
     section = out.split("search:", 1)[1]
-    hits = search(open_table(str(tmp_path / "embeddings")), list(DEMO_QUERIES), k=3)
-    for query, top in zip(DEMO_QUERIES, hits, strict=True):
-        assert repr(query) in section
-        for hit in top:
-            assert f"{hit.score:+.3f}  {hit.key}  {hit.caption}" in section
+    listed = listed_hits(section)
+    assert list(listed) == list(DEMO_QUERIES)
+    demo_reference = Reference(tmp_path / "embeddings")
+    for query in DEMO_QUERIES:
+        demo_reference.check_listing(query, listed[query], 3)
 
 
 def test_inspect_applies_the_keep_rule_per_column(
