@@ -24,7 +24,6 @@ from clipbatch.errors import ConfigError
 from clipbatch.knn.commit import BuildReport, Ids, build_info, commit_index
 from clipbatch.knn.names import INDEX_COLUMNS
 from clipbatch.knn.policy import (
-    HOLD_BYTES,
     MAX_TRAIN,
     TRAIN_PER_LIST,
     IndexSettings,
@@ -145,7 +144,7 @@ def build_from_scratch(
     parent: StoredBuild | None,
 ) -> BuildReport:
     """From scratch: one pass to count, and sample for training; a second to add,
-    unless every vector fit in ``HOLD_BYTES`` during the first (then one pass)."""
+    unless every vector fit in ``settings.hold_bytes`` during the first (then one pass)."""
     counts: dict[str, int] = {}
     sample: list[np.ndarray] = []
     sampled = 0
@@ -167,7 +166,7 @@ def build_from_scratch(
             stride *= 2
         if held is not None:
             held_bytes += fv.vectors.nbytes
-            if held_bytes <= HOLD_BYTES:
+            if held_bytes <= settings.hold_bytes:
                 held.append(fv)
             else:
                 held = None

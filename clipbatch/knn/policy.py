@@ -39,6 +39,9 @@ class IndexSettings:
     factory: str = "auto"  # "auto", or a FAISS factory string such as "IVF1024,Flat"
     nprobe: int | None = None  # IVF lists searched per query; None: nlist / 16
     rebuild: bool = False  # from scratch, even when an incremental update would do
+    # A build from scratch holds up to this many bytes of vectors from its first pass;
+    # past it, it reads every file a second time to add them (memory stays bounded).
+    hold_bytes: int = HOLD_BYTES
 
 
 def faiss_module() -> Any:

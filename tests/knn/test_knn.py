@@ -364,6 +364,46 @@ def test_building_on_s3_costs_the_same_per_file_at_two_table_sizes(
     assert big[0] <= small[0] and big[1] <= 1.05 * small[1], per_file
 
 
+def test_a_build_past_its_memory_bound_reads_each_file_twice_for_the_same_index(
+    s3_bucket: str, s3_endpoint: str, tmp_path: Path
+) -> None:
+    """Vectors that do not fit in ``hold_bytes`` are read a second time to be added (two
+    passes, memory bounded): twice the GETs of each file, and the very same index."""
+    src = tmp_path / "src"
+    write_webdataset(src, shards=3, per_shard=8, seed=21, size=32)
+    src_url = upload_dir(src, s3_bucket, "two-pass-src", s3_endpoint)
+    root = f"s3://{s3_bucket}/two-pass"
+    run_plan(plan_shards(tiny_s3_config(src_url, root, s3_endpoint)), "t")
+    builds = {}
+    proxy = FaultProxy(s3_endpoint).start()
+    try:
+        for label, hold in (("one pass", 1 << 30), ("two passes", 1)):
+            proxy.exchanges.clear()
+            settings = IndexSettings(factory="Flat", rebuild=True, hold_bytes=hold)
+            report = build_index(root, "image", settings, storage=_via(proxy))
+            reads = _shard_reads(list(proxy.exchanges))
+            index = open_index(root, "image", StorageOptions(endpoint_url=s3_endpoint))
+            vectors = index.index.index.reconstruct_n(0, index.index.ntotal)
+            mapped = faiss.vector_to_array(index.index.id_map)
+            builds[label] = (
+                report.vectors,
+                len(reads),
+                {n: len(r) for n, r in reads.items()},
+                mapped,
+                vectors,
+            )
+    finally:
+        proxy.stop()
+    one, two = builds["one pass"], builds["two passes"]
+    assert one[0] == two[0] == 24 and one[1] == two[1] == 3
+    # Each file's footer and columns once more in the second pass (the first and last
+    # file's footer are also read for the model they recorded).
+    for name, count in two[2].items():
+        assert count >= one[2][name] + 1, (one[2], two[2])
+    np.testing.assert_array_equal(one[3], two[3])  # the same ids, in the same order
+    np.testing.assert_array_equal(one[4], two[4])  # and the same vectors
+
+
 def test_building_reads_the_key_and_vector_columns_not_whole_files(
     s3_bucket: str, s3_endpoint: str, tmp_path: Path
 ) -> None:
