@@ -7,27 +7,39 @@ method and a path substring and firing for its next ``count`` matching requests:
 
 - ``delay``: wait ``seconds`` before forwarding;
 - ``slowdown``: answer ``503 SlowDown`` with S3's XML error body;
-- ``internal``: answer ``500 InternalError`` (s3fs does not retry it itself, so with
-  botocore's retries off each one reaches our own retry layer);
+- ``internal``: answer ``500 InternalError`` (s3fs does not retry it itself; botocore
+  does once, as the library configures it, see tests/pipeline/test_faults.py's xfail);
 - ``reset``: abort the client's connection with a TCP RST before any answer;
-- ``cut``: forward, then send the response head and only half of its body, then RST.
+- ``cut``: forward, then send the response head and only half of its body, then RST;
+- ``hold``: keep the request waiting until :meth:`FaultProxy.release` (then forward it),
+  so a test can stop a client at an exact request and change the world under it.
+
+:meth:`FaultProxy.random_faults` adds a seeded random mode: every request that no rule
+claims draws a fault (``slowdown``, ``reset``, ``cut`` by default) with a given
+probability, from a ``random.Random(seed)`` of its own (the chaos soak, bench/soak.py).
 
 ``down()`` / ``up()`` close and reopen the listening socket on the same port, so the
 store looks stopped (connection refused) and then restarted. Counters of requests
 seen and faults fired are in :attr:`FaultProxy.stats`; every forwarded request, with
 the bytes it sent and received (heads included), is in :attr:`FaultProxy.exchanges`,
-which the scale tests count per shard.
+which the scale tests count per shard. :attr:`FaultProxy.signers` has, for every request
+seen (forwarded or not), the access key id it was signed with (``Credential=AKID/...``
+of its SigV4 ``Authorization`` header, or ``X-Amz-Credential`` of a presigned URL; None
+when unsigned): which credentials a client really used, since moto accepts any.
 """
 
 from __future__ import annotations
 
 import contextlib
+import random
+import re
 import socket
 import struct
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 SLOWDOWN_BODY = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
@@ -37,7 +49,8 @@ INTERNAL_BODY = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code>'
     b"<Message>We encountered an internal error. Please try again.</Message></Error>"
 )
-FAULTS = ("delay", "slowdown", "internal", "reset", "cut")
+FAULTS = ("delay", "slowdown", "internal", "reset", "cut", "hold")
+RANDOM_FAULTS = ("slowdown", "reset", "cut")
 ERROR_ANSWERS = {
     "slowdown": (b"503 Slow Down", SLOWDOWN_BODY),
     "internal": (b"500 Internal Server Error", INTERNAL_BODY),
@@ -53,6 +66,15 @@ class Exchange:
     sent: int
     received: int
     messages: int = 0  # WebSocket frames the client sent, on an upgraded connection
+
+
+@dataclass(frozen=True)
+class Signed:
+    """One request seen, and the access key id that signed it (None: unsigned)."""
+
+    method: str
+    target: str
+    access_key: str | None
 
 
 @dataclass
@@ -78,6 +100,12 @@ class FaultProxy:
         self._rules: list[Rule] = []
         self.stats: Counter[str] = Counter()
         self.exchanges: list[Exchange] = []
+        self.signers: list[Signed] = []
+        self._random: random.Random | None = None
+        self._random_rate = 0.0
+        self._random_kinds: tuple[str, ...] = RANDOM_FAULTS
+        self._released = threading.Event()
+        self._holding = 0
         self._listener: socket.socket | None = None
         self._stop = threading.Event()
         self.port = port
@@ -134,20 +162,49 @@ class FaultProxy:
         if fault not in FAULTS:
             raise ValueError(f"fault must be one of {FAULTS}")
         with self._lock:
+            if fault == "hold":
+                self._released.clear()
             self._rules.append(Rule(fault, count, method, path, seconds, skip))
+
+    def random_faults(self, rate: float, seed: int, kinds: tuple[str, ...] = RANDOM_FAULTS) -> None:
+        """From now on, each request no rule claims gets one of ``kinds`` with
+        probability ``rate`` (0 turns the mode off). Seeded: the same sequence of
+        requests draws the same faults."""
+        if not 0 <= rate <= 1 or not set(kinds) <= set(FAULTS) - {"hold", "delay"}:
+            raise ValueError(f"rate in [0, 1], kinds among {RANDOM_FAULTS + ('internal',)}")
+        with self._lock:
+            self._random = random.Random(seed) if rate else None
+            self._random_rate = rate
+            self._random_kinds = tuple(kinds)
+
+    def held(self) -> int:
+        """How many requests a ``hold`` rule keeps waiting now."""
+        with self._lock:
+            return self._holding
+
+    def release(self) -> None:
+        """Let every held request (and any later one a ``hold`` rule matches) go on."""
+        self._released.set()
+
+    def access_keys(self) -> Counter[str | None]:
+        """Access key id -> requests signed with it, over every request seen."""
+        with self._lock:
+            return Counter(s.access_key for s in self.signers)
 
     def clear(self) -> None:
         with self._lock:
             self._rules.clear()
+        self._released.set()
 
     def pending(self) -> int:
         with self._lock:
             return sum(r.count for r in self._rules)
 
-    def _pick(self, method: str, target: str) -> Rule | None:
+    def _pick(self, method: str, target: str, head: bytes = b"") -> Rule | None:
         with self._lock:
             self.stats["requests"] += 1
             self.stats[f"requests_{method}"] += 1
+            self.signers.append(Signed(method, target, access_key_id(head, target)))
             for rule in self._rules:
                 if rule.count > 0 and rule.matches(method, target):
                     if rule.skip > 0:
@@ -157,6 +214,12 @@ class FaultProxy:
                     self.stats[f"{rule.fault}_{method}"] += 1
                     self.stats[rule.fault] += 1
                     return rule
+            if self._random is not None and self._random.random() < self._random_rate:
+                fault = self._random.choice(self._random_kinds)
+                self.stats[f"{fault}_{method}"] += 1
+                self.stats[fault] += 1
+                self.stats["random_faults"] += 1
+                return Rule(fault, 0, method, target)
             return None
 
     # -- serving ---------------------------------------------------------------
@@ -177,9 +240,17 @@ class FaultProxy:
                 client.close()
                 return
             method, target = _request_line(head)
-            rule = self._pick(method, target)
+            rule = self._pick(method, target, head)
             if rule and rule.fault == "delay":
                 time.sleep(rule.seconds)
+            if rule and rule.fault == "hold":
+                with self._lock:
+                    self._holding += 1
+                try:
+                    self._released.wait()
+                finally:
+                    with self._lock:
+                        self._holding -= 1
             if rule and rule.fault == "reset":
                 _reset(client)
                 return
@@ -196,7 +267,9 @@ class FaultProxy:
                     + b"\r\nContent-Type: application/xml\r\n"
                     + f"Content-Length: {len(body)}\r\n".encode()
                     + b"Connection: close\r\n\r\n"
-                    + body
+                    # An answer to a HEAD has no body (S3 sends the status alone); bytes
+                    # after it would be a malformed answer, a different fault.
+                    + (b"" if method == "HEAD" else body)
                 )
                 client.close()
                 return
@@ -247,6 +320,28 @@ class FaultProxy:
         else:  # nothing to cut in an empty body (a PUT's answer): cut the head instead
             client.sendall(head[: len(head) // 2])
         _reset(client)
+
+
+_CREDENTIAL = re.compile(r"Credential=([^/,\s]+)/")
+_QUERY_CREDENTIAL = re.compile(r"[?&]X-Amz-Credential=([^&]+)")
+
+
+def access_key_id(head: bytes, target: str) -> str | None:
+    """The access key id a request was signed with: SigV4's ``Authorization:
+    AWS4-HMAC-SHA256 Credential=AKID/date/region/s3/aws4_request, ...``, SigV2's
+    ``Authorization: AWS AKID:signature``, or a presigned URL's ``X-Amz-Credential``."""
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"authorization":
+            text = value.strip().decode("latin-1")
+            found = _CREDENTIAL.search(text)
+            if found:
+                return found.group(1)
+            if text.startswith("AWS "):
+                return text[4:].split(":", 1)[0]
+            return None
+    found = _QUERY_CREDENTIAL.search(target)
+    return unquote(found.group(1)).split("/", 1)[0] if found else None
 
 
 def _read_head(sock: socket.socket) -> tuple[bytes | None, bytes]:

@@ -22,14 +22,16 @@ def artifacts(flow_run_id: str) -> list[Any]:
         )
 
 
-def events(flow_run_id: str, prefixes: list[str], expect: int, timeout_s: float = 20.0) -> list:
-    """Events whose name starts with one of ``prefixes`` and that relate to the flow run.
+def events(flow_run_id: str, prefixes: list[str], expect: int, timeout_s: float = 30.0) -> list:
+    """Events whose name starts with one of ``prefixes`` and that relate to the flow run,
+    once at least ``expect`` of them have arrived; raise, with what did arrive, if fewer
+    have within ``timeout_s`` (a scan over them must never pass by scanning nothing).
 
     Events travel over a websocket and are persisted asynchronously: poll for them.
     """
     deadline = time.monotonic() + timeout_s
     found: list = []
-    while time.monotonic() < deadline:
+    while True:
         with get_client(sync_client=True) as client:
             page = client.read_events(
                 EventFilter(
@@ -45,8 +47,21 @@ def events(flow_run_id: str, prefixes: list[str], expect: int, timeout_s: float 
         ]
         if len(found) >= expect:
             return found
+        if time.monotonic() > deadline:
+            break
         time.sleep(0.5)
-    return found
+    raise AssertionError(
+        f"{len(found)} of {expect} event(s) named {prefixes}* for flow run {flow_run_id} "
+        f"within {timeout_s}s: {sorted(e.event for e in found)}"
+    )
+
+
+def event_names(found: list) -> dict[str, int]:
+    """Event name -> how many, for asserting exactly which events a scan covered."""
+    names: dict[str, int] = {}
+    for e in found:
+        names[e.event] = names.get(e.event, 0) + 1
+    return names
 
 
 def logs(flow_run_id: str, until: str, timeout_s: float = 30.0) -> list[str]:

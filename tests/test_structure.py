@@ -215,7 +215,7 @@ def test_botocore_and_s3fs_make_one_attempt_each() -> None:
     from clipbatch.io.storage import fsspec_kwargs, get_fs
 
     kwargs = fsspec_kwargs(StorageOptions(endpoint_url="http://127.0.0.1:9"), "s3")
-    assert kwargs["config_kwargs"]["retries"] == {"max_attempts": 1, "mode": "standard"}
+    assert kwargs["config_kwargs"]["retries"] == {"total_max_attempts": 1, "mode": "standard"}
     fs, _ = get_fs("s3://bucket/x", StorageOptions(endpoint_url="http://127.0.0.1:9"))
     assert fs.retries == 1
 

@@ -32,12 +32,17 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import queue
 import tempfile
+import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +95,9 @@ ROW_COLUMNS = [
     "source_version", "image_sha256", "width", "height",
 ]  # fmt: skip
 COPY_BATCH = 1024  # rows whose images are read at once (memory: their bytes)
+READ_AHEAD = 1  # batches read ahead of the one being written (memory: theirs too)
+STAGING = 2  # finished shards uploading or waiting to, on local disk, at most
+PUBLISH_THREADS = 8  # shards published at once
 
 
 @dataclass
@@ -119,7 +127,24 @@ def curate_root(
     run_meta: dict[str, Any] | None = None,
     workdir: str | None = None,
 ) -> CurationReport:
-    """Bring the selection ``spec`` names up to date with ``root``, and ship its new rows."""
+    """Bring the selection ``spec`` names up to date with ``root``, and ship its new rows.
+
+    ``spec`` is a YAML path, a dict or a :class:`CurationSpec`; the run's steps are the
+    module's (check, judge, decide, copy, commit, publish). Returns what it decided,
+    kept, dropped (by reason) and shipped, with per-stage timings.
+
+    Example::
+
+        from clipbatch.curate.run import curate_root
+
+        spec = {
+            "name": "nightly",
+            "rules": {"status_ok": True, "min_similarity": 0.28, "unique": 0.05},
+            "output": {"url": "s3://bucket/curated/nightly/"},
+        }
+        report = curate_root("s3://bucket/emb", spec)
+        report.shards                      # ['00000', '00001']: shipped this run
+    """
     spec = load_spec(spec)
     storage = storage or StorageOptions()
     clock = _Clock()
@@ -150,21 +175,34 @@ def curate_root(
         copier = _Copier(spec, state, Path(tmp), run, run_meta or {}, storage, report, clock)
         decided: dict[str, dict[str, Any]] = {}
         indexes = _Indexes(snap, storage)
-        for file in todo:
-            with clock("decide"):
-                decision = _decide(snap, file, spec, state, indexes, storage)
-            if decision is None:
-                report.files_waiting.append(file.key)
-                continue
-            rows, candidates, judges = decision
-            kept_before = int(pc.sum(rows.column("keep")).as_py() or 0) - len(candidates)
-            rows = copier.copy(file, rows, candidates, judges)
-            entry = _write_file_selection(root, spec, file, rows, judges, run, run_meta, storage)
-            entry["kept_before"] = kept_before
-            decided[file.key] = entry
-            report.files_decided += 1
-            report.rows_decided += rows.num_rows
-        copier.close()
+
+        def decide(file: TableFile) -> tuple[pa.Table, list[_Candidate], dict[str, str]] | None:
+            return _decide(snap, file, spec, state, indexes, storage)
+
+        # Decisions, and image reads, run a step ahead, each in a thread of its own, while
+        # this one writes the shards (and threads of the copier's upload them).
+        with (
+            copier,
+            _Ahead(decide(f) for f in todo) as decisions,
+            _Ahead(_read_ahead(decisions, copier.images)) as ahead,
+        ):
+            for file in todo:
+                with clock("decide"):
+                    decision = next(ahead)
+                if decision is None:
+                    report.files_waiting.append(file.key)
+                    continue
+                rows, candidates, judges = decision
+                kept_before = int(pc.sum(rows.column("keep")).as_py() or 0) - len(candidates)
+                rows = copier.copy(file, rows, candidates, judges, ahead)
+                entry = _write_file_selection(
+                    root, spec, file, rows, judges, run, run_meta, storage, copier.later
+                )
+                entry["kept_before"] = kept_before
+                decided[file.key] = entry
+                report.files_decided += 1
+                report.rows_decided += rows.num_rows
+            copier.close()
     previous = {k: state.files.get(k, {}).get("selection") for k in decided}
     state.files.update(decided)
     state.staged.extend(copier.staged)
@@ -400,8 +438,79 @@ def _num(value: float) -> float | None:
 # -- 4. copies ---------------------------------------------------------------------------------
 
 
+def _read_ahead(
+    decisions: Iterator[tuple[pa.Table, list[_Candidate], dict[str, str]] | None],
+    images: RowImages,
+) -> Iterator[Any]:
+    """Per file, its decision (None: waiting), then its candidates' images, a batch at a
+    time (:data:`COPY_BATCH` rows): what :class:`_Ahead` runs ahead of the writing."""
+    for decision in decisions:
+        yield decision
+        if decision is None:
+            continue
+        candidates = decision[1]
+        for start in range(0, len(candidates), COPY_BATCH):
+            batch = candidates[start : start + COPY_BATCH]
+            yield images.read_many([c.location for c in batch])
+
+
+class _Ahead:
+    """An iterator run in a thread of its own, at most :data:`READ_AHEAD` items ahead of
+    its reader (memory: that many batches of images); its errors are raised to the
+    reader, in order. Leaving the ``with`` stops it."""
+
+    _END = object()
+
+    def __init__(self, items: Iterator[Any]) -> None:
+        self._items = items
+        self._queue: queue.Queue[tuple[bool, Any]] = queue.Queue(READ_AHEAD)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="curate-ahead", daemon=True)
+
+    def __enter__(self) -> _Ahead:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):  # unblock a put
+                self._queue.get(timeout=0.05)
+        self._thread.join()
+
+    def __iter__(self) -> _Ahead:
+        return self
+
+    def __next__(self) -> Any:
+        ok, item = self._queue.get()
+        if not ok:
+            raise item
+        if item is self._END:
+            raise StopIteration
+        return item
+
+    def _run(self) -> None:
+        try:
+            for item in self._items:
+                if not self._put((True, item)):
+                    return
+            self._put((True, self._END))
+        except BaseException as e:  # raised to the reader
+            self._put((False, e))
+
+    def _put(self, entry: tuple[bool, Any]) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+
 class _Copier:
-    """Kept rows' images into shards: read in batches, checked, written, staged."""
+    """Kept rows' images into shards: read in batches (ahead, by :class:`_Ahead`),
+    checked, written, and staged by a thread of its own while the next shard is written."""
 
     def __init__(
         self,
@@ -423,26 +532,50 @@ class _Copier:
         self.judges: dict[str, str] = {}
         self.staged: list[dict[str, Any]] = []
         self.schema: pa.Schema | None = None
+        self.uploads = ThreadPoolExecutor(1, thread_name_prefix="curate-stage")
+        self.pending: deque[Future[None]] = deque()  # shards uploading, in order
+        self.writes = ThreadPoolExecutor(2, thread_name_prefix="curate-write")
+        self.written: list[Future[Any]] = []  # selection files
+
+    def __enter__(self) -> _Copier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # After an error: no upload left running over a work dir about to be removed.
+        self.uploads.shutdown(wait=True, cancel_futures=True)
+        self.writes.shutdown(wait=True, cancel_futures=True)
+
+    def later(self, write: Callable[[], Any]) -> None:
+        """``write`` in a thread of the copier's; :meth:`close` waits for it (before the
+        commit), and raises its error."""
+        self.written.append(self.writes.submit(write))
 
     def copy(
-        self, file: TableFile, rows: pa.Table, candidates: list[_Candidate], judges: dict[str, str]
+        self,
+        file: TableFile,
+        rows: pa.Table,
+        candidates: list[_Candidate],
+        judges: dict[str, str],
+        images: Iterator[list[bytes | RowImageError]],
     ) -> pa.Table:
-        """Copy ``candidates``; returns ``rows`` with their shards, or their drop reasons."""
+        """Copy ``candidates``, whose images ``images`` yields a batch at a time (in order,
+        :data:`COPY_BATCH` rows each); returns ``rows`` with their shards, or their drop
+        reasons."""
         keep = rows.column("keep").to_pylist()
         reasons = rows.column("reasons").to_pylist()
         shards = rows.column("shard").to_pylist()
         samples = rows.column("sample_key").to_pylist()
+        rows_per_shard = self.spec.output.rows_per_shard
         for start in range(0, len(candidates), COPY_BATCH):
             batch = candidates[start : start + COPY_BATCH]
             with self.clock("read"):
-                got = self.images.read_many([c.location for c in batch])
+                got = next(images)
             for c, data in zip(batch, got, strict=True):
                 if isinstance(data, RowImageError):
                     keep[c.index], reasons[c.index] = False, [f"image: {data}"]
                     continue
                 with self.clock("write"):
                     builder = self._builder()
-                    rows_per_shard = self.spec.output.rows_per_shard
                     key = sample_key(builder.number, len(builder.rows), rows_per_shard)
                     builder.add(Sample(key, data, c.meta.get("caption"), {"key": key, **c.meta},
                                        {"key": key, **c.row}))  # fmt: skip
@@ -470,8 +603,14 @@ class _Copier:
         )  # fmt: skip
 
     def close(self) -> None:
+        """The open shard finished, and every shard staged (an upload's error raised)."""
         if self.builder is not None and self.builder.rows:
             self._finish()
+        with self.clock("stage"):
+            while self.pending:
+                self.pending.popleft().result()
+        for future in self.written:
+            future.result()
 
     def _builder(self) -> ShardBuilder:
         if self.builder is None:
@@ -493,11 +632,17 @@ class _Copier:
             "clipbatch": __version__,
         }  # fmt: skip
         self.sources, self.judges = {}, {}
-        built: BuiltShard = builder.finish(stats, _sample_schema(builder.rows))
-        with self.clock("stage"):
-            stage(built, self.spec.output.url, self.run, self.spec.output.storage)
+        with self.clock("write"):
+            built: BuiltShard = builder.finish(stats, _sample_schema(builder.rows))
+        with self.clock("stage"):  # at most STAGING shards on local disk, waiting
+            while len(self.pending) >= STAGING or (self.pending and self.pending[0].done()):
+                self.pending.popleft().result()
+        self.pending.append(self.uploads.submit(self._stage, built))
         self.staged.append({"name": built.name, "number": built.number, "run": self.run,
                             "rows": built.rows, "image_bytes": built.image_bytes})  # fmt: skip
+
+    def _stage(self, built: BuiltShard) -> None:
+        stage(built, self.spec.output.url, self.run, self.spec.output.storage)
         crash_point("curate_mid_write", built.name)
 
 
@@ -528,9 +673,11 @@ def _write_file_selection(
     run: str,
     run_meta: dict[str, Any] | None,
     storage: StorageOptions,
+    submit: Callable[[Callable[[], Any]], Any] = lambda write: write(),
 ) -> dict[str, Any]:
     """The file's selection, under a name bound to its version (a committed selection of an
-    earlier version stays readable until the commit replaces it)."""
+    earlier version stays readable until the commit replaces it); written by ``submit``
+    (now, or by a thread to be waited for before the commit)."""
     tag = hashlib.sha256((file.version or "").encode()).hexdigest()[:10]
     shard = file.name[: -len(".parquet")]
     parts = ["selection", *([file.table] if file.table else []), f"{shard}.{tag}.parquet"]
@@ -540,7 +687,8 @@ def _write_file_selection(
         "table_file": file.name, "table_file_version": file.version,
         "judgements": judges, "run": {"run": run, **(run_meta or {})},
     }  # fmt: skip
-    write_selection(join(selection_home(root, spec.name), *parts), rows, metadata, storage)
+    uri = join(selection_home(root, spec.name), *parts)
+    submit(lambda: write_selection(uri, rows, metadata, storage))
     kept = int(pc.sum(rows.column("keep")).as_py() or 0)
     return {"version": file.version, "selection": relative, "kept": kept,
             "dropped": rows.num_rows - kept}  # fmt: skip
@@ -550,8 +698,15 @@ def _publish_staged(
     state: SelectionState, spec: CurationSpec, storage: StorageOptions, report: CurationReport
 ) -> None:
     runs = set()
-    for entry in list(state.staged):
+    entries = list(state.staged)
+
+    # Shards are published independently of one another (each its .tar last): at once.
+    def one(entry: dict[str, Any]) -> None:
         publish(entry["number"], spec.output.url, entry["run"], spec.output.storage)
+
+    with ThreadPoolExecutor(PUBLISH_THREADS, thread_name_prefix="curate-publish") as pool:
+        list(pool.map(one, entries))
+    for entry in entries:
         state.shards.append(entry)
         report.shards.append(entry["name"])
         runs.add(entry["run"])

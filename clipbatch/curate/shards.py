@@ -23,9 +23,9 @@ Example::
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,41 @@ def image_extension(data: bytes) -> str:
     return "jpg"
 
 
+def _tarfile_header(name: str, size: int) -> bytes:
+    # Fixed owner, mode and time: the same samples make the same bytes.
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = size, 0o644, 0
+    return info.tobuf(tarfile.DEFAULT_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+_BLANK = bytearray(_tarfile_header("", 0))
+_BLANK[148:156] = b" " * 8  # the checksum field, as it is summed
+
+
+def _filled_header(name: str, size: int) -> bytes:
+    """tarfile's header for a short ASCII name (no PAX records): the blank one with its
+    name, size and checksum filled in, without tarfile's per-header work."""
+    buf = bytearray(_BLANK)
+    buf[0 : len(name)] = name.encode("ascii")
+    buf[124:136] = b"%011o\0" % size
+    buf[148:155] = b"%06o\0" % sum(buf)
+    return bytes(buf)
+
+
+_FILLED_IS_TARFILES = all(
+    _filled_header(n, z) == _tarfile_header(n, z)
+    for n, z in (("", 0), ("000000001.jpg", 35_001), ("k" * 100, 8**11 - 1), ("a.json", 1))
+)  # checked against this Python's tarfile, else tarfile writes every header
+
+
+def member_header(name: str, size: int) -> bytes:
+    """The tar header of a member (a regular file, mode 0644, time 0, owner 0), the bytes
+    ``tarfile.TarInfo.tobuf`` makes for it in tarfile's default (PAX) format."""
+    if _FILLED_IS_TARFILES and len(name) <= 100 and name.isascii() and size < 8**11:
+        return _filled_header(name, size)
+    return _tarfile_header(name, size)
+
+
 @dataclass
 class Sample:
     key: str
@@ -97,7 +132,10 @@ class ShardBuilder:
         self.workdir = workdir
         self.rows_per_shard = rows_per_shard
         self.tar_path = workdir / f"{shard_name(number)}.tar"
-        self._tar = tarfile.open(self.tar_path, "w")  # noqa: SIM115 - closed by finish()
+        # Written here as tarfile.open(path, "w") writes it (the same bytes), without its
+        # per-member copies and bookkeeping: a header, the data, padding to a block.
+        self._tar = self.tar_path.open("wb", buffering=1 << 20)  # noqa: SIM115 - finish()
+        self._offset = 0
         self.rows: list[dict[str, Any]] = []
         self.image_bytes = 0
 
@@ -115,13 +153,22 @@ class ShardBuilder:
         self.image_bytes += len(sample.image)
 
     def _member(self, name: str, data: bytes) -> None:
-        # Fixed owner, mode and time: the same samples make the same bytes.
-        info = tarfile.TarInfo(name)
-        info.size, info.mode, info.mtime = len(data), 0o644, 0
-        self._tar.addfile(info, io.BytesIO(data))
+        header = member_header(name, len(data))
+        pad = -len(data) % tarfile.BLOCKSIZE
+        self._tar.write(header)
+        self._tar.write(data)
+        if pad:
+            self._tar.write(tarfile.NUL * pad)
+        self._offset += len(header) + len(data) + pad
+
+    def _close_tar(self) -> None:
+        """The end-of-archive blocks, and zeros up to a whole record (as tarfile's close)."""
+        end = tarfile.NUL * (2 * tarfile.BLOCKSIZE)
+        self._tar.write(end + tarfile.NUL * (-(self._offset + len(end)) % tarfile.RECORDSIZE))
+        self._tar.close()
 
     def finish(self, stats: dict[str, Any], schema: pa.Schema) -> BuiltShard:
-        self._tar.close()
+        self._close_tar()
         name = shard_name(self.number)
         parquet = self.workdir / f"{name}.parquet"
         pq.write_table(pa.Table.from_pylist(self.rows, schema=schema), parquet)
@@ -148,8 +195,10 @@ SUFFIXES = (".parquet", "_stats.json", ".tar")  # publish order: the .tar last
 
 
 def stage(built: BuiltShard, output: str, run: str, storage: StorageOptions) -> None:
-    """Upload a built shard's files to ``{output}/_staging/{run}/`` (each whole)."""
-    for suffix in SUFFIXES:
+    """Upload a built shard's files to ``{output}/_staging/{run}/`` (each whole; to an
+    object store, the three at once)."""
+
+    def upload(suffix: str) -> None:
         local = built.files[suffix]
         fs, path = get_fs(join(output, STAGING_DIR, run, local.name), storage)
         if is_local_fs(fs):
@@ -160,20 +209,43 @@ def stage(built: BuiltShard, output: str, run: str, storage: StorageOptions) -> 
                     dst.write(chunk)
             tmp.replace(path)
         else:
-            with_retries(lambda fs=fs, path=path, local=local: fs.put_file(str(local), path),
-                         f"upload {path}")  # fmt: skip
+            with_retries(lambda: fs.put_file(str(local), path), f"upload {path}")
         local.unlink()
+
+    fs, _ = get_fs(join(output, STAGING_DIR), storage)
+    if is_local_fs(fs):
+        for suffix in SUFFIXES:
+            upload(suffix)
+        return
+    with ThreadPoolExecutor(len(SUFFIXES), thread_name_prefix="curate-upload") as pool:
+        list(pool.map(upload, SUFFIXES))
 
 
 def publish(number: int, output: str, run: str, storage: StorageOptions) -> None:
-    """Move a staged shard into place, its ``.tar`` last; idempotent (a rerun after a crash
-    finds the files already moved and moves the rest)."""
+    """Move a staged shard into place, its ``.tar`` last (the other files at once, before
+    it); idempotent (a rerun after a crash finds the files already moved and moves the
+    rest)."""
     name = shard_name(number)
-    for suffix in SUFFIXES:
+
+    def one(suffix: str) -> None:
         fs, staged = get_fs(join(output, STAGING_DIR, run, f"{name}{suffix}"), storage)
         _, final = get_fs(join(output, f"{name}{suffix}"), storage)
-        if with_retries(lambda fs=fs, staged=staged: fs.exists(staged), f"stat {staged}"):
+        try:  # the copy's own look-up says whether it is still staged: no stat first
             move(fs, staged, final, name)
+        except FileNotFoundError:
+            if with_retries(lambda: fs.exists(staged), f"stat {staged}"):
+                raise  # staged, yet not movable (the destination): a real error
+            # moved already, by the run that crashed
+
+    before, last = SUFFIXES[:-1], SUFFIXES[-1]
+    fs, _ = get_fs(output, storage)
+    if is_local_fs(fs):
+        for suffix in before:
+            one(suffix)
+    else:
+        with ThreadPoolExecutor(len(before), thread_name_prefix="curate-publish") as pool:
+            list(pool.map(one, before))
+    one(last)
 
 
 def remove_staging(output: str, run: str, storage: StorageOptions) -> None:

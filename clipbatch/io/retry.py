@@ -2,7 +2,7 @@
 
 | layer | retries | policy |
 |---|---|---|
-| an HTTP request to S3 | none (botocore ``max_attempts=1``, s3fs ``retries=1``) | set explicitly in :func:`clipbatch.io.storage.fsspec_kwargs`, so attempts never multiply |
+| an HTTP request to S3 | none (botocore ``total_max_attempts=1``, s3fs ``retries=1``) | set explicitly in :func:`clipbatch.io.storage.fsspec_kwargs`, so attempts never multiply |
 | a storage call (list, stat, put, copy, a read of a stream) | :data:`STORAGE`: 5 attempts | :func:`with_retries`, :class:`RetryingReader` |
 | an image fetch (URL or object) | ``source.fetch_retries`` | :func:`retrying` in :mod:`clipbatch.sources.fetch` |
 | a shard task | ``runtime.task_retries`` | Prefect, on the task (``flows/embed.py``) |

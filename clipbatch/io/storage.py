@@ -60,9 +60,10 @@ def fsspec_kwargs(storage: StorageOptions, protocol: str) -> dict[str, Any]:
         kwargs.setdefault("use_listings_cache", False)
         # One retry layer for storage calls: clipbatch's (clipbatch.io.retry). botocore
         # makes one attempt (and s3fs too: clipbatch.io.storage.get_fs), so attempts
-        # never multiply.
+        # never multiply. total_max_attempts, not max_attempts: botocore reads the
+        # latter as retries (max_attempts=1 is two requests, with its own backoff).
         config_kwargs = dict(kwargs.pop("config_kwargs", {}))
-        config_kwargs.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
+        config_kwargs.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
         kwargs["config_kwargs"] = config_kwargs
         client_kwargs = dict(kwargs.pop("client_kwargs", {}))
         if storage.endpoint_url:

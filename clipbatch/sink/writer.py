@@ -17,6 +17,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -149,6 +150,7 @@ class ShardWriter:
                 with_retries(lambda: fs.put_file(self._local, staged_path), f"upload {staged}")
             self._verify_staged(fs, staged_path, md5, fingerprint)
             crash_point("after_staging", self.name)
+            inode = os.stat(staged_path).st_ino if is_local_fs(fs) else None
             move(fs, staged_path, final_path, self.name)
             if is_local_fs(fs):
                 # Only our own folder: _tmp itself may be in use by a concurrent run.
@@ -156,9 +158,34 @@ class ShardWriter:
                     os.rmdir(os.path.dirname(staged_path))
             info = with_retries(lambda: fs.info(final_path), f"stat {final}")
             self.members.write(self.sink, self.name)
+            if not self._is_ours(final, info, md5, inode):
+                # A concurrent run's copy landed between our move and our stat: its
+                # version is not ours to vouch for (that run records it). Ours is gone,
+                # so our record is bound to a version no file will ever have.
+                log.warning(
+                    "shard %s: %s was replaced by a concurrent run's copy right after this "
+                    "run's; this run's record is left unbound (that run's describes the file)",
+                    self.name, final,
+                )  # fmt: skip
+                return final, sha, f"replaced:{sha}"
             return final, sha, file_version(info, fs, final_path)
         finally:
             self.discard_local()
+
+    def _is_ours(self, final: str, info: dict[str, Any], md5: str, inode: int | None) -> bool:
+        """Whether the file the stat after the move saw is the one this run moved there.
+
+        Locally, the same inode (a rename keeps it). On stores, an ETag that is an MD5
+        (what a server-side copy of an object under 5 GB gets) equal to ours; any other
+        ETag (SSE-KMS, other stores): the footer's run id, one more read.
+        """
+        if inode is not None:
+            return info.get("ino") in (None, inode)
+        etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+        if re.fullmatch(r"[0-9a-f]{32}", etag):
+            return etag == md5
+        meta = read_file_metadata(final, self.sink.storage) or {}
+        return (meta.get("run") or {}).get("run_id") in (None, self.run_id)
 
     @contextlib.contextmanager
     def _disk_full_says_so(self) -> Iterator[None]:

@@ -55,7 +55,9 @@ log = logging.getLogger(__name__)
 COMPRESSED_TARS = (".tar.gz", ".tgz")
 MAX_CACHED_SHARDS = 64  # member indexes kept in memory (a few hundred KB each)
 MAX_GAP = 1 << 20  # read_many: members closer than this share one ranged read
-MAX_RANGE = 64 << 20  # read_many: the most one ranged read fetches
+# read_many: the most one ranged read fetches; a longer run of members is read in pieces
+# of this size, at once, on read_many's threads (AWS's advice for ranged GETs: 8-16 MB).
+MAX_RANGE = 8 << 20
 
 
 class RowImageError(ClipbatchError):

@@ -3,7 +3,13 @@
 Real-looking AWS credentials sit in the environment (for the sink) and in a shared
 credentials file that the config names by profile (for the source): the config
 carries a reference, never the secret. An OpenLineage API key sits in the
-environment too. After a run on moto, every byte the run wrote is searched.
+environment too. After a run on moto, every byte the run wrote is searched, and the
+search checks that it covered what the run wrote: every event, artifact and log line.
+
+moto accepts any access key, so a run reading with the environment's keys would pass as
+well: a proxy in front of the source and one in front of the sink record the access key
+id of every request (tests/faultproxy.py), and every source request must carry the
+profile's, every sink request the environment's.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from clipbatch.lineage.redact import MASK, Redactor, is_secret_name, redact_url
 from clipbatch.synthetic import write_webdataset
 from tests import prefect_readback
 from tests.conftest import upload_dir
+from tests.faultproxy import FaultProxy
 from tests.olspec import Collector, openlineage_env
 
 pytestmark = pytest.mark.timeout(240)
@@ -168,14 +175,17 @@ def test_no_secret_anywhere_a_run_writes(
     s3fs.S3FileSystem.clear_instance_cache()  # new clients, with these credentials
 
     dest = f"s3://{s3_bucket}/emb"
+    # Each side reaches moto through a proxy of its own that notes who signed each request.
+    source_proxy = FaultProxy(s3_endpoint).start()
+    sink_proxy = FaultProxy(s3_endpoint).start()
     config = build_config(
         {
             # The config names a profile: a reference that is safe to store in parameters.
             "source": {
                 "url": source,
-                "storage": {"endpoint_url": s3_endpoint, "profile": "clipbatch-test"},
+                "storage": {"endpoint_url": source_proxy.url, "profile": "clipbatch-test"},
             },
-            "sink": {"url": dest, "storage": {"endpoint_url": s3_endpoint}},
+            "sink": {"url": dest, "storage": {"endpoint_url": sink_proxy.url}},
             "model": {"name": "tiny"},
             "runtime": {"device": "cpu", "batch_size": 8, "task_retries": 0},
         }
@@ -186,13 +196,22 @@ def test_no_secret_anywhere_a_run_writes(
             summary = embed_dataset(config)
     finally:
         collector.close()
+        source_proxy.stop()
+        sink_proxy.stop()
         s3fs.S3FileSystem.clear_instance_cache()
     run_id = summary["run_id"]
     assert summary["shards_committed"] == 2
-    # The secrets were really in play: the collector got the API key as a bearer token.
+    # The secrets were really in play: the collector got the API key as a bearer token,
+    # every source request was signed with the profile's key (both tars were read through
+    # it), every sink request with the environment's.
     assert collector.headers and all(
         h.get("Authorization") == f"Bearer {ol_api_key}" for h in collector.headers
     )
+    source_gets = {s.target.split("?")[0] for s in source_proxy.signers if s.method == "GET"}
+    assert {f"/{s3_bucket}/laion/0000{i}.tar" for i in range(2)} <= source_gets, source_gets
+    assert source_proxy.access_keys() == {profile_key_id: len(source_proxy.signers)}
+    assert sink_proxy.access_keys() == {env_key_id: len(sink_proxy.signers)}
+    assert any(s.method == "PUT" for s in sink_proxy.signers)
 
     written: dict[str, str] = {}
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
@@ -202,22 +221,42 @@ def test_no_secret_anywhere_a_run_writes(
     assert any("/_lineage/" in k for k in written) and any(k.endswith(".parquet") for k in written)
     for i, body in enumerate(collector.raw):
         written[f"openlineage:{i}"] = body.decode()
-    for art in prefect_readback.artifacts(run_id):
+    arts = prefect_readback.artifacts(run_id)
+    # A run's artifacts: its progress and its summary (the index-trigger one only on error).
+    assert sorted(a.key for a in arts) == ["clipbatch-run-progress", "clipbatch-run-summary"]
+    for art in arts:
+        assert art.data, art.key
         written[f"artifact:{art.key}"] = json.dumps([art.data, art.description], default=str)
     events = prefect_readback.events(
-        run_id, ["clipbatch.", "prefect.asset.materialization"], expect=3
+        run_id, ["clipbatch.", "prefect.asset.materialization"], expect=4
     )
-    assert events
+    # Exactly what the run emits: one event per committed shard, the run's completion,
+    # and the table's materialization.
+    assert prefect_readback.event_names(events) == {
+        "clipbatch.shard.committed": 2,
+        "clipbatch.run.completed": 1,
+        "prefect.asset.materialization.succeeded": 1,
+    }
     for i, event in enumerate(events):
         written[f"event:{i}"] = event.model_dump_json()
     # The flow's last log line ("done: ...") proves its logs have all arrived.
-    written["prefect-logs"] = "\n".join(prefect_readback.logs(run_id, until="done: "))
+    prefect_logs = prefect_readback.logs(run_id, until="done: ")
+    assert any("2 committed" in line for line in prefect_logs if line.startswith("done: "))
+    written["prefect-logs"] = "\n".join(prefect_logs)
     written["captured-logs"] = "\n".join(captured_logs.lines)
+    assert any("done: 2 committed" in line for line in captured_logs.lines)
     from prefect import get_client
 
     with get_client(sync_client=True) as client:
         written["flow-run"] = client.read_flow_run(run_id).model_dump_json()
-    assert written["prefect-logs"] and written["captured-logs"]
+    # Every kind of thing the run wrote is in the scan: table files, index, lineage.
+    assert {k for k in written if k.startswith("dest:")} >= {
+        "dest:emb/00000.parquet",
+        "dest:emb/00001.parquet",
+        f"dest:emb/_lineage/{run_id}.json",
+    }
+    assert any(k.startswith("dest:emb/_commits/") for k in written)
+    assert len([k for k in written if k.startswith("openlineage:")]) >= 2  # START, COMPLETE
 
     for where, text in written.items():
         for secret in secrets_all:

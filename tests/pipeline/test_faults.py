@@ -9,6 +9,7 @@ comparing the table, row for row, with a fault-free run over the same source.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -44,8 +45,9 @@ pytestmark = pytest.mark.timeout(240)
 
 SHARDS = 4
 PER_SHARD = 4
-# botocore's own retries off, so the faults reach s3fs's and our retry layers.
-NO_BOTO_RETRIES = {"config_kwargs": {"retries": {"max_attempts": 1}, "read_timeout": 10}}
+# botocore's own retries off, so the faults reach our retry layer (what the library sets:
+# see test_a_fault_reaches_our_retry_layer_after_one_request), and a shorter read timeout.
+NO_BOTO_RETRIES = {"config_kwargs": {"retries": {"total_max_attempts": 1}, "read_timeout": 10}}
 
 
 def make_config(source: str, dest: str, endpoint: str, extra: dict | None = None, **runtime):
@@ -145,7 +147,7 @@ def test_transient_read_and_write_faults_give_exact_output(
     proxy.inject("cut", 1, "PUT", "/_tmp/")
     proxy.inject("slowdown", 2, "PUT", "/_tmp/")
     proxy.inject("internal", 10, "PUT", "/_tmp/")
-    cfg = make_config(source, dest, proxy.url, NO_BOTO_RETRIES, task_retries=3)
+    cfg = make_config(source, dest, proxy.url, NO_BOTO_RETRIES, task_retries=5)
     summary = embed_dataset(cfg)
     assert summary["shards_committed"] == SHARDS and summary["shards_failed"] == 0
     assert proxy.pending() == 0, "every injected fault fired"
@@ -154,9 +156,32 @@ def test_transient_read_and_write_faults_give_exact_output(
     assert_exact(dest, s3_endpoint, reference)
     runs = task_run_counts(summary["run_id"])
     encodes = sorted(n for name, n in runs.items() if name.startswith("encode-"))
-    # One shard task failed after its I/O retries ran out and was retried (once or twice).
-    assert encodes[:3] == [1, 1, 1] and encodes[3] in (2, 3), runs
+    # One request per attempt of ours (botocore retries nothing): the first shard meets the
+    # faults, and its task fails each time with_retries' 5 attempts run out: 6 failed
+    # reads, then 5 + 10 failed uploads, so at least 3 runs, and 4 when they meet it alone.
+    assert encodes[:3] == [1, 1, 1] and 3 <= encodes[3] <= 6, runs
     _record("transient", {**proxy.stats, "task_runs": runs})
+
+
+def test_a_fault_reaches_our_retry_layer_after_one_request(bucket, s3_endpoint, proxy):
+    """clipbatch.io.retry is the one retry layer (its table: botocore makes one attempt):
+    one 503 SlowDown costs one attempt of ours, logged, and one more request."""
+    from clipbatch.io.retry import with_retries
+
+    fs, path = get_fs(f"s3://{bucket}/one-attempt/x.bin", StorageOptions(endpoint_url=proxy.url))
+    proxy.inject("slowdown", 1, "PUT")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    log = logging.getLogger("clipbatch.io.retry")
+    log.addHandler(handler)
+    try:
+        with_retries(lambda: fs.pipe_file(path, b"x"), "put x")
+    finally:
+        log.removeHandler(handler)
+    assert proxy.stats["slowdown"] == 1 and proxy.stats["requests_PUT"] == 2
+    retries = [r.getMessage() for r in records if "retry 1" in r.getMessage()]
+    assert len(retries) == 1, "the SlowDown never reached clipbatch.io.retry"
 
 
 def task_run_counts(flow_run_id: str) -> dict[str, int]:
@@ -171,11 +196,26 @@ def task_run_counts(flow_run_id: str) -> dict[str, int]:
     return {r.name: r.run_count for r in runs}
 
 
+def wait_until(condition, what: str, timeout: float = 120, every: float = 0.02) -> None:
+    """Poll ``condition`` until it holds; raise, naming ``what``, if it never does."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout}s")
+        time.sleep(every)
+
+
 @pytest.mark.slow
 def test_storage_server_stopped_mid_run_then_rerun_is_exact(
     prefect_harness, source, bucket, s3_endpoint, reference
 ):
-    """A second moto server (same in-process store) is stopped under a worker, restarted."""
+    """A second moto server (same in-process store) is stopped under a worker, mid-run.
+
+    Deterministically mid-run: the worker reaches the store through a proxy that holds
+    its first read of shard 00001, so shard 00000 is committed and 00001 not when the
+    server stops. The store stays down until the worker has given up and reported;
+    then it restarts and a rerun finishes the table.
+    """
     from clipbatch_flows.embed import embed_dataset
     from moto.server import ThreadedMotoServer
 
@@ -183,40 +223,46 @@ def test_storage_server_stopped_mid_run_then_rerun_is_exact(
     endpoint = f"http://127.0.0.1:{port}"
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
+    proxy = FaultProxy(endpoint).start()
+    proxy.inject("hold", 1, "GET", "/src/00001.tar")
     dest = f"s3://{bucket}/outage"
-    # botocore's retries off: our backoff (at most ~6 s in all) is then shorter than
-    # the 7 s outage, so a worker caught mid-run fails instead of riding it out.
-    cfg = make_config(source, dest, endpoint, NO_BOTO_RETRIES)
+    # The library's own retry settings: the store stays down until they give up.
+    cfg = make_config(source, dest, proxy.url)
+    direct = cfg.sink.model_copy(update={"storage": StorageOptions(endpoint_url=s3_endpoint)})
     worker = start_worker(cfg, Path(f"/tmp/clipbatch-outage-{uuid.uuid4().hex}.json"))
-    # Stop the store as soon as the first shard is committed: the worker is mid-run.
-    sink = cfg.sink.model_copy(update={"storage": StorageOptions(endpoint_url=s3_endpoint)})
-    deadline = time.monotonic() + 120
-    while not listed_versions(sink) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    server.stop()
-    stopped_at = len(listed_versions(sink))
-    time.sleep(7)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
     try:
-        code, report = worker.wait()
-        # Either the worker's retries outlasted the outage, or it failed: both are fine.
-        assert code == 0 or report is None
+        # Shards run in order, so the hold fires only once 00000 is committed.
+        wait_until(lambda: proxy.held() == 1, "the worker reading shard 00001")
+        assert sorted(listed_versions(direct)) == ["00000"]
+        server.stop()  # the store goes down with the worker mid-run...
+        proxy.release()  # ...and its read of 00001 now meets a stopped server
+        code, report = worker.wait(timeout=180)  # down until the worker gives up
+        assert code == 1 and report is not None, (code, report)
+        assert report["ok"] is False and report["transient"] is True, report
+        assert "still failing after 5 attempts" in report["error"], report["error"]
+        assert report["done"] == ["00000"], report  # some shards committed, some not
+        assert sorted(listed_versions(direct)) == ["00000"]
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
         summary = embed_dataset(cfg)
         assert summary["shards_failed"] == 0
-        assert summary["shards_committed"] + summary["shards_skipped"] == SHARDS
+        assert summary["shards_skipped"] == 1 and summary["shards_committed"] == SHARDS - 1
         assert_exact(dest, endpoint, reference)
         _record(
             "outage",
             {
-                "committed_before_stop": stopped_at,
+                "committed_before_stop": 1,
                 "worker_exit": code,
+                "worker_error": report["error"][:200],
                 "rerun_committed": summary["shards_committed"],
                 "rerun_skipped": summary["shards_skipped"],
             },
         )
     finally:
+        proxy.stop()
         server.stop()
+        if worker.process.is_alive():
+            worker.process.kill()
 
 
 CRASH_CASES = {
@@ -271,6 +317,49 @@ def test_two_concurrent_runs_on_one_dest_leave_a_valid_table(
     assert set(rep_a["done"]) | set(rep_b["done"]) == {f"{i:05d}" for i in range(SHARDS)}
     assert_exact(cfg.sink.url, s3_endpoint, reference)
     _record("concurrent", {"a": len(rep_a["done"]), "b": len(rep_b["done"])})
+
+
+@pytest.mark.slow
+def test_a_commit_record_describes_the_file_it_committed_despite_a_concurrent_writer(
+    source, bucket, s3_endpoint, tmp_path
+):
+    """Run A's stat of 00000.parquet, right after its move, is held by a proxy while run B
+    (overwrite) commits every shard; then A goes on. Every index record bound to the
+    version of 00000.parquet now there must be the record of the run that wrote it."""
+    from clipbatch.sink.writer import read_file_metadata
+
+    dest = f"s3://{bucket}/stat-race"
+    proxy = FaultProxy(s3_endpoint).start()
+    proxy.inject("hold", 1, "HEAD", "/stat-race/00000.parquet")
+    slow_reads = {"config_kwargs": {"read_timeout": 600}}  # A waits while B runs
+    a_cfg = make_config(source, dest, proxy.url, slow_reads)
+    b_cfg = tiny_s3_config(
+        source, dest, s3_endpoint, sink={"overwrite": True}, batch_size=4, decode_workers=1
+    )
+    a = start_worker(a_cfg, tmp_path / "a.json", run_id="run-a")
+    try:
+        wait_until(lambda: proxy.held() == 1, "run A's stat of 00000.parquet")
+        code_b, report_b = start_worker(b_cfg, tmp_path / "b.json", run_id="run-b").wait(180)
+        assert code_b == 0 and report_b["done"] == [f"{i:05d}" for i in range(SHARDS)]
+        proxy.release()
+        code_a, report_a = a.wait(180)
+        assert code_a == 0 and report_a["ok"], report_a
+    finally:
+        proxy.stop()
+        if a.process.is_alive():
+            a.process.kill()
+    sink = build_config(
+        {"source": "x", "sink": {"url": dest, "storage": {"endpoint_url": s3_endpoint}}}
+    ).sink
+    version = listed_versions(sink)["00000"]
+    fs, root = get_fs(dest, sink.storage)
+    body = fs.cat_file(f"{root}/00000.parquet")
+    footer_run = read_file_metadata(f"{dest}/00000.parquet", sink.storage)["run"]["run_id"]
+    assert footer_run == "run-b"  # B's copy landed after A's
+    bound = [r for r in all_records(sink) if r.shard == "00000" and r.file_version == version]
+    assert bound, "no record for the file there"
+    described = [(r.run_id, r.sha256 in (None, hashlib.sha256(body).hexdigest())) for r in bound]
+    assert described == [("run-b", True)] * len(bound), described
 
 
 @pytest.mark.slow

@@ -224,16 +224,34 @@ def test_credentials_from_prefect_blocks_on_threads_and_device_workers(
             written[obj["Key"]] = _readable(obj["Key"], body)
     for summary in runs.values():
         run_id = summary["run_id"]
-        written[f"logs:{run_id}"] = "\n".join(prefect_readback.logs(run_id, until="done: "))
-        for i, e in enumerate(prefect_readback.events(run_id, ["clipbatch."], expect=2)):
+        # The scan covers what each run wrote: its logs up to the flow's last line, its
+        # events (one per committed shard and the completion), its two artifacts.
+        lines = prefect_readback.logs(run_id, until="done: ")
+        assert any(m.startswith("done: 2 committed") for m in lines), lines[-3:]
+        written[f"logs:{run_id}"] = "\n".join(lines)
+        events = prefect_readback.events(run_id, ["clipbatch."], expect=3)
+        assert prefect_readback.event_names(events) == {
+            "clipbatch.shard.committed": 2,
+            "clipbatch.run.completed": 1,
+        }
+        for i, e in enumerate(events):
             written[f"event:{run_id}:{i}"] = e.model_dump_json()
-        for art in prefect_readback.artifacts(run_id):
-            written[f"artifact:{art.key}"] = json.dumps([art.data, art.description], default=str)
+        arts = prefect_readback.artifacts(run_id)
+        assert sorted(a.key for a in arts) == ["clipbatch-run-progress", "clipbatch-run-summary"]
+        for art in arts:
+            assert art.data, art.key
+            written[f"artifact:{run_id}:{art.key}"] = json.dumps(
+                [art.data, art.description], default=str
+            )
         from prefect import get_client
 
         with get_client(sync_client=True) as client:
             written[f"flow-run:{run_id}"] = client.read_flow_run(run_id).model_dump_json()
     assert any("_lineage/" in k for k in written)
+    for where in runs:  # both tables' files, index and run records are in the scan
+        assert {f"{where}/00000.parquet", f"{where}/00001.parquet"} <= set(written), where
+        assert any(k.startswith(f"{where}/_commits/") for k in written), where
+        assert f"{where}/_lineage/{runs[where]['run_id']}.json" in written, where
     for where, text in written.items():
         for secret in (aws_key, aws_secret, minio_secret):
             assert secret not in text and secret[:12] not in text, f"leaked into {where}"
