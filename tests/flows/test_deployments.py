@@ -1,10 +1,11 @@
 """Issue 7: the deployments, run the way platform teams run them.
 
-Real processes on loopback: `prefect server start` (SQLite in tmp), the process work
-pool, `prefect deploy --all --prefect-file deployments/prefect.yaml` and a process
-worker, all subprocesses with PREFECT_API_URL set. Object storage is the session's moto
-server, reached by the flow-run processes through AWS_ENDPOINT_URL_S3 exactly as a
-worker in docker/compose.yaml reaches MinIO.
+Real processes on loopback: `prefect server start` (on a fresh database of the session's
+PostgreSQL cluster, as in production; SQLite, with a warning, where there is none:
+tests/prefect_server.py), the process work pool, `prefect deploy --all --prefect-file
+deployments/prefect.yaml` and a process worker, all subprocesses with PREFECT_API_URL
+set. Object storage is the session's moto server, reached by the flow-run processes
+through AWS_ENDPOINT_URL_S3 exactly as a worker in docker/compose.yaml reaches MinIO.
 
 Every flow run is a fresh Python on the worker (~10 s of imports on 2 cores), so the
 module makes 9 of them in all.
@@ -12,9 +13,11 @@ module makes 9 of them in all.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import json
+import os
 import re
 import subprocess
 import sys
@@ -26,13 +29,24 @@ from zoneinfo import ZoneInfo
 
 import boto3
 import httpx
+import psutil
 import pytest
 
 from clipbatch.synthetic import write_webdataset
 from tests.conftest import upload_dir
 from tests.helpers import read_table
 from tests.paths import REPO
-from tests.prefect_server import PREFECT, prefect_server, stop
+from tests.postgres import PostgresUnavailable, find_bindir, postgres_cluster, start_cluster
+from tests.prefect_server import (
+    PREFECT,
+    PrefectServer,
+    SQLiteFallbackWarning,
+    current_postgres,
+    database_url,
+    prefect_server,
+    stop,
+    stop_session_postgres,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -47,11 +61,18 @@ TINY = {"model": "tiny", "device": "cpu"}
 class RetryBusy(httpx.HTTPTransport):
     """Retry what the server answers 503 (a busy SQLite database, under a worker, the
     trigger's index builds and the test at once), as Prefect's own client does; the
-    UI's requests, made here by hand, would otherwise fail the test by chance."""
+    UI's requests, made here by hand, would otherwise fail the test by chance. Counts
+    them: on PostgreSQL there must be none (test_no_busy_database_on_postgresql)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.busy = 0  # 503s answered to this client
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         for attempt in range(8):
             response = super().handle_request(request)
+            if response.status_code == 503:
+                self.busy += 1
             if response.status_code != 503 or attempt == 7:
                 return response
             response.read()
@@ -63,12 +84,14 @@ class RetryBusy(httpx.HTTPTransport):
 class Stack:
     """A running server + worker, and a REST client for it."""
 
-    def __init__(self, api: str, env: dict[str, str], logs: Path, s3: str) -> None:
-        self.api = api
-        self.env = env
+    def __init__(self, server: PrefectServer, logs: Path, s3: str) -> None:
+        self.server = server
+        self.api = server.api
+        self.env = server.env
         self.logs = logs
         self.s3 = s3
-        self.http = httpx.Client(base_url=api, timeout=30, transport=RetryBusy())
+        self.transport = RetryBusy()
+        self.http = httpx.Client(base_url=self.api, timeout=30, transport=self.transport)
 
     def cli(self, *args: str, timeout: float = 120) -> str:
         proc = subprocess.run(
@@ -132,7 +155,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iterato
         (home / "worker.log").open("w") as wlog,
     ):
         env = server.env
-        s = Stack(server.api, env, home, s3_endpoint)
+        s = Stack(server, home, s3_endpoint)
         # The documented set-up script: the pool, and the `default` queue's GPU slots
         # (3 here, so the backfill's children run side by side).
         setup = subprocess.run(
@@ -188,6 +211,96 @@ def _run_id(cli_output: str) -> str:
     match = re.search(r"UUID:\s*([0-9a-f-]{36})", cli_output)
     assert match, cli_output
     return match.group(1)
+
+
+def _gone(procs: list[psutil.Process], timeout: float = 30) -> list[psutil.Process]:
+    """The processes of ``procs`` still alive after ``timeout`` (a zombie is not)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+def _cluster_processes(pid: int) -> list[psutil.Process]:
+    postmaster = psutil.Process(pid)
+    return [postmaster, *postmaster.children(recursive=True)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_postgres_gone_at_the_end() -> Iterator[None]:
+    """At the end of the session (after every module's servers, whatever failed): the
+    session's PostgreSQL cluster is stopped, and none of its processes is left."""
+    yield
+    cluster = current_postgres()
+    pid = cluster.postmaster_pid() if cluster is not None else None
+    procs = _cluster_processes(pid) if pid is not None else []
+    stop_session_postgres()  # else at exit (tests/prefect_server.py)
+    assert _gone(procs) == [], procs
+    assert cluster is None or not cluster.data.exists()
+
+
+def test_postgres_cluster_is_stopped_and_removed_even_on_failure(tmp_path: Path) -> None:
+    """The helper behind every server here: initdb + pg_ctl as `postgres`, a database
+    asyncpg (Prefect's driver) reaches, and nothing left after an error in the block, nor
+    after the process that started it dies without stopping it (its watchdog)."""
+    if find_bindir() is None:
+        # No PostgreSQL on this machine: the servers fall back to SQLite, and say so.
+        with pytest.raises(PostgresUnavailable):
+            start_cluster()
+        with pytest.warns(SQLiteFallbackWarning, match="SQLite"):
+            url, database, _ = database_url(tmp_path)
+        assert database == "sqlite" and url.startswith("sqlite+aiosqlite://")
+        return
+    import asyncpg
+
+    procs: list[psutil.Process] = []
+    with pytest.raises(RuntimeError, match="in the block"), postgres_cluster() as cluster:
+        pid = cluster.postmaster_pid()
+        assert pid is not None
+        procs = _cluster_processes(pid)
+        assert len(procs) > 1
+        if os.geteuid() == 0:
+            assert {p.username() for p in procs} == {"postgres"}
+        postmaster = psutil.Process(pid)
+        listening = getattr(postmaster, "net_connections", postmaster.connections)("tcp")
+        assert {c.laddr.ip for c in listening} == {"127.0.0.1"}
+        name = cluster.createdb()
+
+        async def query() -> str:
+            conn = await asyncpg.connect(cluster.url(name, driver="postgresql"))
+            try:
+                return await conn.fetchval("select current_database()")
+            finally:
+                await conn.close()
+
+        assert asyncio.run(query()) == name
+        raise RuntimeError("an error in the block")
+    assert _gone(procs) == []
+    assert not cluster.data.exists()
+
+    # Killed without a word (os._exit, as a hard timeout does): the watchdog stops it.
+    starter = (
+        "import os, sys; sys.path.insert(0, sys.argv[1]);"
+        "from tests.postgres import start_cluster; c = start_cluster();"
+        "print(c.postmaster_pid(), c.data, flush=True); os._exit(3)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", starter, str(ROOT)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 3, out.stderr
+    pid_text, data = out.stdout.split()
+    with contextlib.suppress(psutil.NoSuchProcess):
+        assert _gone([psutil.Process(int(pid_text))]) == []
+    deadline = time.monotonic() + 30
+    while Path(data).exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not Path(data).exists()
 
 
 def test_deployment_run_with_params(stack: Stack, tmp_path: Path, s3_bucket: str) -> None:
@@ -433,3 +546,16 @@ def test_ui_custom_run(stack: Stack, tmp_path: Path, s3_bucket: str) -> None:
     )
     assert r.status_code == 409, r.text
     assert "max_concurrent_runs" in r.json()["detail"], r.text
+
+
+def test_no_busy_database_on_postgresql(stack: Stack) -> None:
+    """Last in the module, after every run above: the 503s ("database is locked") that
+    RetryBusy exists for are SQLite's; PostgreSQL answered none, to anyone (the server
+    logs each one: PREFECT_SERVER_LOG_RETRYABLE_ERRORS)."""
+    logged = stack.server.busy_answers()
+    assert logged >= stack.transport.busy  # every 503 this client saw is in the log
+    if stack.server.on_postgresql:
+        assert (stack.transport.busy, logged) == (0, 0), stack.server.log.read_text()[-6000:]
+        assert stack.server.error_answers() == 0, stack.server.log.read_text()[-6000:]
+    else:
+        print(f"SQLite: {logged} request(s) answered 503, {stack.transport.busy} to the test")
