@@ -15,7 +15,6 @@ kNN section of bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shutil
@@ -28,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench.common import work_dir
+from bench.report import write_figures, write_section
 from clipbatch.knn.build import build_index
 from clipbatch.knn.policy import IndexSettings, faiss_module
 from clipbatch.knn.search import open_index
@@ -249,16 +249,8 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 def write_results(r: dict[str, Any]) -> None:
-    (HERE / "knn.json").write_text(json.dumps(r, indent=1) + "\n")
-    results = HERE / "RESULTS.md"
-    text = results.read_text()
-    block = f"<!-- knn:start -->\n{markdown(r)}<!-- knn:end -->"
-    if "<!-- knn:start -->" in text:
-        head, rest = text.split("<!-- knn:start -->", 1)
-        text = head + block + rest.split("<!-- knn:end -->", 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    results.write_text(text)
+    write_figures("knn", r)
+    write_section("knn", markdown(r))
 
 
 def main(argv: list[str] | None = None) -> int:

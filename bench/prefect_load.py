@@ -47,15 +47,14 @@ import psutil
 import pyarrow.parquet as pq
 
 from bench.common import work_dir
+from bench.report import write_figures, write_section
 from clipbatch.synthetic import write_webdataset
 from tests.postgres import PostgresCluster, start_cluster
 from tests.prefect_server import PREFECT, PrefectServer, prefect_server, stop
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-RESULTS = HERE / "RESULTS.md"
 JSON = HERE / "prefect_load.json"
-START, END = "<!-- prefect-load:start -->", "<!-- prefect-load:end -->"
 POOL = "clipbatch-local"
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 FIRST_DAY = dt.date(2026, 1, 1)
@@ -464,15 +463,8 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def write(doc: dict[str, Any]) -> None:
-    JSON.write_text(json.dumps(doc, indent=1) + "\n")
-    text = RESULTS.read_text() if RESULTS.is_file() else ""
-    block = f"{START}\n{markdown(doc)}{END}"
-    if START in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    RESULTS.write_text(text)
+    write_figures("prefect_load", doc)
+    write_section("prefect-load", markdown(doc))
 
 
 def main(argv: list[str] | None = None) -> int:

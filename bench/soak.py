@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -52,10 +51,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.report import machine_line, write_figures, write_section
+
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).parent / "RESULTS.md"
-FIGURES = Path(__file__).parent / "soak.json"
-START, END = "<!-- soak:start -->", "<!-- soak:end -->"
 EMBEDDINGS = ("image_embedding", "text_embedding", "similarity")
 ATOL = 2e-3  # float16 storage; CPU BLAS under load may round the last bit differently
 
@@ -560,29 +558,9 @@ def check_table(params: SoakParams, dest: str, ref_dest: str, endpoint: str) -> 
 # -- the command ----------------------------------------------------------------------
 
 
-def machine() -> str:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0))
-    return f"{model or platform.processor() or platform.machine()}, {cores} cores available"
-
-
 def write_results(figures: dict[str, Any]) -> None:
-    FIGURES.write_text(json.dumps(figures, indent=1, default=str) + "\n")
-    section = results_section(figures)
-    text = RESULTS.read_text() if RESULTS.exists() else ""
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + START + "\n" + section + "\n" + END + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + START + "\n" + section + "\n" + END + "\n"
-    RESULTS.write_text(text)
+    write_figures("soak", figures)
+    write_section("soak", results_section(figures))
 
 
 def results_section(f: dict[str, Any]) -> str:
@@ -728,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = " ".join(["python -m bench.soak", *(argv if argv is not None else sys.argv[1:])])
     figures = {
         "date": date,
-        "machine": machine(),
+        "machine": machine_line(),
         "load_at_start": load,
         "command": cmd,
         "total_seconds": round(time.perf_counter() - began, 1),
