@@ -57,6 +57,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bench.common import rate
 from bench.report import cpu_model, loadavg, log, wait_for_quiet, write_figures, write_section
 
 HERE = Path(__file__).resolve().parent
@@ -345,16 +346,6 @@ HEAD_LAYERS = {
     "nsfw-laion-b32": "norm, 512 -> 32 -> 32 -> 1, sigmoid",
     "bench-quality": "user: " + " -> ".join(map(str, USER_LAYERS)) + ", sigmoid",
 }
-
-
-def rate(fn: Callable[[], Any], items: int, min_seconds: float) -> float:
-    reps, start = 0, time.perf_counter()
-    while True:
-        fn()
-        reps += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_seconds:
-            return reps * items / elapsed
 
 
 def forward_figures(head: Any, vectors16: np.ndarray, tries: int = 3) -> dict[str, Any]:
