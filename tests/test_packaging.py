@@ -19,7 +19,7 @@ def test_every_package_of_the_tree_is_in_the_wheel_list() -> None:
         for init in (ROOT / folder).rglob("__init__.py"):
             parts = init.parent.relative_to(ROOT / folder).parts
             found.add(".".join([name, *parts]))
-    data_only = {"clipbatch.assets"}  # package data, no __init__.py
+    data_only = {"clipbatch.assets", "clipbatch.serve.static"}  # package data, no __init__.py
     assert listed == found | data_only
     for package in data_only:
         assert package in tool["package-data"]
