@@ -97,6 +97,8 @@ class FaultProxy:
         self.upstream = (uhost, int(uport or 80))
         self.host = host
         self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)
+        self._active = 0  # connections being served (an exchange not yet recorded)
         self._rules: list[Rule] = []
         self.stats: Counter[str] = Counter()
         self.exchanges: list[Exchange] = []
@@ -233,7 +235,24 @@ class FaultProxy:
                 return
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
+    def settle(self, timeout: float = 30) -> None:
+        """Wait until every connection accepted so far has ended and been recorded (a
+        client can have a response's last byte a moment before its exchange is)."""
+        with self._settled:
+            if not self._settled.wait_for(lambda: self._active == 0, timeout):
+                raise TimeoutError(f"{self._active} connection(s) still open after {timeout}s")
+
     def _serve(self, client: socket.socket) -> None:
+        with self._lock:
+            self._active += 1
+        try:
+            self._serve_one(client)
+        finally:
+            with self._settled:
+                self._active -= 1
+                self._settled.notify_all()
+
+    def _serve_one(self, client: socket.socket) -> None:
         try:
             head, rest = _read_head(client)
             if head is None:
@@ -478,6 +497,11 @@ def _pipe(
     t = threading.Thread(target=_copy, args=(client, upstream, up, frames), daemon=True)
     t.start()
     _copy(upstream, client, down)
+    if frames is None:
+        # One request per connection: the answer is whole, so the request was too; stop
+        # waiting on a client that keeps its socket open after reading it.
+        with contextlib.suppress(OSError):
+            client.shutdown(socket.SHUT_RD)
     t.join(timeout=30)
     client.close()
     upstream.close()

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -148,7 +149,7 @@ def s3_source(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> tup
     """Six small WebDataset shards on moto; returns (source URL, bucket)."""
     import boto3
 
-    bucket = "dask-test"
+    bucket = f"dask-test-{uuid.uuid4().hex[:8]}"  # per module: test_ray.py reuses this
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
         Bucket=bucket
     )

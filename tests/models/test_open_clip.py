@@ -229,6 +229,7 @@ def test_hub_names_fail_offline_without_touching_the_network(folders: dict[str, 
 
 def object_gets(proxy: FaultProxy, bucket: str, prefix: str) -> list[str]:
     """The keys of the object bodies fetched (GET, not a listing) under ``prefix``."""
+    proxy.settle()
     keys = []
     for ex in proxy.exchanges:
         parts = urlsplit(ex.target)
