@@ -3,7 +3,7 @@
 | layer | retries | policy |
 |---|---|---|
 | an HTTP request to S3 | none (botocore ``total_max_attempts=1``, s3fs ``retries=1``) | set explicitly in :func:`clipbatch.io.storage.fsspec_kwargs`, so attempts never multiply |
-| a storage call (list, stat, put, copy, a read of a stream) | :data:`STORAGE`: 5 attempts | :func:`with_retries`, :class:`RetryingReader` |
+| a storage call (list, stat, put, copy, a read of a stream) | :data:`STORAGE`: 6 attempts | :func:`with_retries`, :class:`RetryingReader` |
 | an image fetch (URL or object) | ``source.fetch_retries`` | :func:`retrying` in :mod:`clipbatch.sources.fetch` |
 | a shard task | ``runtime.task_retries`` | Prefect, on the task (``flows/embed.py``) |
 
@@ -34,7 +34,10 @@ class RetryPolicy:
     max_delay: float = 10.0
 
 
-STORAGE = RetryPolicy()
+# Six attempts: waits of up to 0.4, 0.8, 1.6, 3.2 and 6.4 s (full jitter: about 6 s in
+# all, on average), enough for a store's blip of a few seconds. This layer is the only one
+# (botocore makes one attempt), so its window is the whole window of a storage call.
+STORAGE = RetryPolicy(attempts=6)
 
 
 def retrying(policy: RetryPolicy, what: str, level: int = logging.WARNING) -> tenacity.Retrying:

@@ -29,6 +29,7 @@ import pytest
 from clipbatch.config import ModelConfig, StorageOptions, build_config
 from clipbatch.encode.encoder import ClipEncoder
 from clipbatch.faults import OOM_ENV
+from clipbatch.io.retry import STORAGE
 from clipbatch.io.storage import get_fs
 from clipbatch.models.loading import load_model
 from clipbatch.sink.commits.index import all_records, listed_versions, load_index
@@ -142,7 +143,7 @@ def test_transient_read_and_write_faults_give_exact_output(
     proxy.inject("delay", 4, "GET", ".tar", seconds=0.3)
     # Writes: the commit index PUT reset; a staged upload that lands but whose answer is
     # cut off; SlowDowns; then 10 InternalErrors in a row on staging uploads, more than
-    # our with_retries (5 attempts) absorbs, so the shard task itself fails and is retried.
+    # our with_retries (6 attempts) absorbs, so the shard task itself fails and is retried.
     proxy.inject("reset", 1, "PUT", "/_commits/")
     proxy.inject("cut", 1, "PUT", "/_tmp/")
     proxy.inject("slowdown", 2, "PUT", "/_tmp/")
@@ -157,8 +158,8 @@ def test_transient_read_and_write_faults_give_exact_output(
     runs = task_run_counts(summary["run_id"])
     encodes = sorted(n for name, n in runs.items() if name.startswith("encode-"))
     # One request per attempt of ours (botocore retries nothing): the first shard meets the
-    # faults, and its task fails each time with_retries' 5 attempts run out: 6 failed
-    # reads, then 5 + 10 failed uploads, so at least 3 runs, and 4 when they meet it alone.
+    # faults, and its task fails each time with_retries' 6 attempts run out: 6 failed
+    # reads, then 3 + 10 failed uploads, so at least 3 runs, and 4 when they meet it alone.
     assert encodes[:3] == [1, 1, 1] and 3 <= encodes[3] <= 6, runs
     _record("transient", {**proxy.stats, "task_runs": runs})
 
@@ -239,7 +240,8 @@ def test_storage_server_stopped_mid_run_then_rerun_is_exact(
         code, report = worker.wait(timeout=180)  # down until the worker gives up
         assert code == 1 and report is not None, (code, report)
         assert report["ok"] is False and report["transient"] is True, report
-        assert "still failing after 5 attempts" in report["error"], report["error"]
+        attempts = f"still failing after {STORAGE.attempts} attempts"
+        assert attempts in report["error"], report["error"]
         assert report["done"] == ["00000"], report  # some shards committed, some not
         assert sorted(listed_versions(direct)) == ["00000"]
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
