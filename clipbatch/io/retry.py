@@ -8,7 +8,8 @@
 | a shard task | ``runtime.task_retries`` | Prefect, on the task (``flows/embed.py``) |
 
 Every layer retries only what :func:`clipbatch.errors.is_transient` says may succeed,
-with exponential backoff and full jitter (tenacity's ``wait_random_exponential``).
+with exponential backoff plus as much again at random (tenacity's ``wait_exponential``
++ ``wait_random_exponential``).
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ class RetryPolicy:
     max_delay: float = 10.0
 
 
-# Six attempts: waits of up to 0.4, 0.8, 1.6, 3.2 and 6.4 s (full jitter: about 6 s in
-# all, on average), enough for a store's blip of a few seconds. This layer is the only one
-# (botocore makes one attempt), so its window is the whole window of a storage call.
+# Six attempts, waits of 0.2, 0.4, 0.8, 1.6 and 3.2 s, each plus as much again at random:
+# a storage call outlasts a store's blip of 6.2 s at least (12.4 s at most). This layer
+# is the only one (botocore makes one attempt), so its window is the call's whole window.
 STORAGE = RetryPolicy(attempts=6)
 
 
@@ -57,7 +58,12 @@ def retrying(policy: RetryPolicy, what: str, level: int = logging.WARNING) -> te
 
     return tenacity.Retrying(
         stop=tenacity.stop_after_attempt(policy.attempts),
-        wait=tenacity.wait_random_exponential(multiplier=policy.base_delay, max=policy.max_delay),
+        # "Equal jitter": the exponential wait, plus up to as much again at random. Full
+        # jitter alone can make every wait short, and a blip of a few seconds then outlasts
+        # all the attempts; the fixed half guarantees the window, the random half spreads
+        # the clients that failed together.
+        wait=tenacity.wait_exponential(multiplier=policy.base_delay, max=policy.max_delay)
+        + tenacity.wait_random_exponential(multiplier=policy.base_delay, max=policy.max_delay),
         retry=tenacity.retry_if_exception(is_transient),
         before_sleep=log_retry,
         reraise=True,
