@@ -10,9 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from clipbatch_tasks.credentials import load_storage_credentials
-from clipbatch_tasks.retry import retry_on_transient
+from clipbatch_tasks.retry import ROOT_JOB_OPTIONS
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from clipbatch.config import StorageOptions
@@ -22,12 +21,7 @@ from clipbatch.judge.semdedup import SemDedupSettings
 @task(
     name="score-with-head",
     task_run_name="score-{head}",
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_on_transient,
-    cache_policy=NO_CACHE,
-    log_prints=False,
+    **ROOT_JOB_OPTIONS,
 )
 def score_with_head(
     root: str, head: str, storage: StorageOptions, run_meta: dict[str, Any]
@@ -49,12 +43,7 @@ def score_with_head(
 @task(
     name="semdedup",
     task_run_name="semdedup-{settings.eps}",
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_on_transient,
-    cache_policy=NO_CACHE,
-    log_prints=False,
+    **ROOT_JOB_OPTIONS,
 )
 def group_duplicates(
     root: str, settings: SemDedupSettings, storage: StorageOptions, run_meta: dict[str, Any]

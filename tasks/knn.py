@@ -10,9 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from clipbatch_tasks.credentials import load_storage_credentials
-from clipbatch_tasks.retry import retry_on_transient
+from clipbatch_tasks.retry import ROOT_JOB_OPTIONS
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from clipbatch.config import StorageOptions
@@ -23,12 +22,7 @@ from clipbatch.knn.policy import IndexSettings
 @task(
     name="build-knn-index",
     task_run_name="index-{name}",
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_on_transient,
-    cache_policy=NO_CACHE,
-    log_prints=False,
+    **ROOT_JOB_OPTIONS,
 )
 def build_knn_index(
     root: str,
