@@ -59,6 +59,7 @@ from clipbatch.curate.shards import (
     BuiltShard,
     Sample,
     ShardBuilder,
+    abort_abandoned,
     publish,
     remove_staging,
     sample_key,
@@ -95,7 +96,7 @@ ROW_COLUMNS = [
     "source_version", "image_sha256", "width", "height",
 ]  # fmt: skip
 COPY_BATCH = 1024  # rows whose images are read at once (memory: their bytes)
-READ_AHEAD = 1  # batches read ahead of the one being written (memory: theirs too)
+READ_AHEAD = 4  # batches read (at once) ahead of the one being written (memory: theirs)
 STAGING = 2  # finished shards uploading or waiting to, on local disk, at most
 PUBLISH_THREADS = 8  # shards published at once
 
@@ -183,8 +184,9 @@ def curate_root(
         # this one writes the shards (and threads of the copier's upload them).
         with (
             copier,
-            _Ahead(decide(f) for f in todo) as decisions,
-            _Ahead(_read_ahead(decisions, copier.images)) as ahead,
+            _Ahead((decide(f) for f in todo), 1) as decisions,
+            ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="curate-read") as reads,
+            _Ahead(_read_ahead(decisions, copier.images, reads), READ_AHEAD - 1) as ahead,
         ):
             for file in todo:
                 with clock("decide"):
@@ -441,9 +443,12 @@ def _num(value: float) -> float | None:
 def _read_ahead(
     decisions: Iterator[tuple[pa.Table, list[_Candidate], dict[str, str]] | None],
     images: RowImages,
+    reads: ThreadPoolExecutor,
 ) -> Iterator[Any]:
     """Per file, its decision (None: waiting), then its candidates' images, a batch at a
-    time (:data:`COPY_BATCH` rows): what :class:`_Ahead` runs ahead of the writing."""
+    time (:data:`COPY_BATCH` rows), each a future of ``reads``: what :class:`_Ahead` runs
+    ahead of the writing, so that the batches it holds are read at once (reads of
+    several source files overlap, as a plain copy's do)."""
     for decision in decisions:
         yield decision
         if decision is None:
@@ -451,19 +456,19 @@ def _read_ahead(
         candidates = decision[1]
         for start in range(0, len(candidates), COPY_BATCH):
             batch = candidates[start : start + COPY_BATCH]
-            yield images.read_many([c.location for c in batch])
+            yield reads.submit(images.read_many, [c.location for c in batch])
 
 
 class _Ahead:
-    """An iterator run in a thread of its own, at most :data:`READ_AHEAD` items ahead of
-    its reader (memory: that many batches of images); its errors are raised to the
-    reader, in order. Leaving the ``with`` stops it."""
+    """An iterator run in a thread of its own, at most ``ahead`` items ahead of its
+    reader (memory: that many items); its errors are raised to the reader, in order.
+    Leaving the ``with`` stops it."""
 
     _END = object()
 
-    def __init__(self, items: Iterator[Any]) -> None:
+    def __init__(self, items: Iterator[Any], ahead: int) -> None:
         self._items = items
-        self._queue: queue.Queue[tuple[bool, Any]] = queue.Queue(READ_AHEAD)
+        self._queue: queue.Queue[tuple[bool, Any]] = queue.Queue(ahead)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="curate-ahead", daemon=True)
 
@@ -556,7 +561,7 @@ class _Copier:
         rows: pa.Table,
         candidates: list[_Candidate],
         judges: dict[str, str],
-        images: Iterator[list[bytes | RowImageError]],
+        images: Iterator[Future[list[bytes | RowImageError]]],
     ) -> pa.Table:
         """Copy ``candidates``, whose images ``images`` yields a batch at a time (in order,
         :data:`COPY_BATCH` rows each); returns ``rows`` with their shards, or their drop
@@ -569,7 +574,7 @@ class _Copier:
         for start in range(0, len(candidates), COPY_BATCH):
             batch = candidates[start : start + COPY_BATCH]
             with self.clock("read"):
-                got = next(images)
+                got = next(images).result()
             for c, data in zip(batch, got, strict=True):
                 if isinstance(data, RowImageError):
                     keep[c.index], reasons[c.index] = False, [f"image: {data}"]
@@ -637,12 +642,15 @@ class _Copier:
         with self.clock("stage"):  # at most STAGING shards on local disk, waiting
             while len(self.pending) >= STAGING or (self.pending and self.pending[0].done()):
                 self.pending.popleft().result()
-        self.pending.append(self.uploads.submit(self._stage, built))
-        self.staged.append({"name": built.name, "number": built.number, "run": self.run,
-                            "rows": built.rows, "image_bytes": built.image_bytes})  # fmt: skip
+        entry = {"name": built.name, "number": built.number, "run": self.run,
+                 "rows": built.rows, "image_bytes": built.image_bytes}  # fmt: skip
+        self.pending.append(self.uploads.submit(self._stage, built, entry))
+        self.staged.append(entry)
 
-    def _stage(self, built: BuiltShard) -> None:
-        stage(built, self.spec.output.url, self.run, self.spec.output.storage)
+    def _stage(self, built: BuiltShard, entry: dict[str, Any]) -> None:
+        uploads = stage(built, self.spec.output.url, self.run, self.spec.output.storage)
+        if uploads:  # S3: what completing the shard's uploads needs, for the commit
+            entry["uploads"] = uploads
         crash_point("curate_mid_write", built.name)
 
 
@@ -702,14 +710,16 @@ def _publish_staged(
 
     # Shards are published independently of one another (each its .tar last): at once.
     def one(entry: dict[str, Any]) -> None:
-        publish(entry["number"], spec.output.url, entry["run"], spec.output.storage)
+        output, storage_ = spec.output.url, spec.output.storage
+        publish(entry["number"], output, entry["run"], storage_, entry.get("uploads"))
 
     with ThreadPoolExecutor(PUBLISH_THREADS, thread_name_prefix="curate-publish") as pool:
         list(pool.map(one, entries))
     for entry in entries:
         state.shards.append(entry)
         report.shards.append(entry["name"])
-        runs.add(entry["run"])
+        if not entry.get("uploads"):  # staged as copies, under _staging/{run}/
+            runs.add(entry["run"])
     state.staged = []
     state.write(storage)
     for run in runs:
@@ -717,7 +727,12 @@ def _publish_staged(
 
 
 def _remove_abandoned_staging(spec: CurationSpec, state: SelectionState) -> None:
-    """Staged shards of a run that crashed before its commit: never published, removed."""
+    """Staged shards of a run that crashed before its commit: never published, removed
+    (uploads not completed aborted, copies under ``_staging/`` deleted)."""
+    committed = {u["upload_id"] for e in state.staged for u in (e.get("uploads") or {}).values()}
+    aborted = abort_abandoned(spec.output.url, spec.output.storage, committed)
+    if aborted:
+        log.info("aborted %d upload(s) of shards a crashed run never committed", aborted)
     fs, path = get_fs(join(spec.output.url, STAGING_DIR), spec.output.storage)
     try:
         entries = fs.ls(path, detail=False)

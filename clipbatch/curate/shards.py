@@ -9,10 +9,12 @@ Each shard ``NNNNN`` is three files at the output URL, as img2dataset writes the
 - ``NNNNN_stats.json``: counts, and what made it (the table files, heads, spec, run).
 
 Samples are keyed ``{shard}{index}`` (``000030042``), unique across nights because
-shard numbers only grow. A shard is built on local disk, uploaded to
-``{output}/_staging/{run}/``, and published (moved into place, the ``.tar`` last) only
-after the selection's ``state.json`` commits it: a training job listing ``*.tar`` sees a
-shard whole or not at all, and never a shard a crash would write again differently.
+shard numbers only grow. A shard is built on local disk and uploaded where nothing lists
+it: on S3 as multipart uploads to its final keys, not completed; elsewhere to
+``{output}/_staging/{run}/``. It is published (the uploads completed, or the files moved
+into place; the ``.tar`` last) only after the selection's ``state.json`` commits it: a
+training job listing ``*.tar`` sees a shard whole or not at all, and never a shard a
+crash would write again differently.
 
 Example::
 
@@ -24,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import json
+import re
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipbatch.config import StorageOptions
+from clipbatch.io import multipart
 from clipbatch.io.retry import with_retries
 from clipbatch.io.storage import get_fs, is_local_fs, join, move, remove_quietly
 
@@ -194,9 +198,28 @@ class ShardBuilder:
 SUFFIXES = (".parquet", "_stats.json", ".tar")  # publish order: the .tar last
 
 
-def stage(built: BuiltShard, output: str, run: str, storage: StorageOptions) -> None:
-    """Upload a built shard's files to ``{output}/_staging/{run}/`` (each whole; to an
-    object store, the three at once)."""
+def stage(
+    built: BuiltShard, output: str, run: str, storage: StorageOptions
+) -> dict[str, dict[str, Any]]:
+    """Upload a built shard's files where nothing lists them yet, each whole.
+
+    On S3: as multipart uploads to their final keys, not completed (invisible until
+    :func:`publish` completes them; no byte is copied twice); returns, per suffix, what
+    completing it needs (for the commit record). Elsewhere: to
+    ``{output}/_staging/{run}/`` (to an object store, the three at once); returns ``{}``.
+    """
+    name = built.name
+    fs, _ = get_fs(join(output, f"{name}.tar"), storage)
+    if multipart.supported(fs):
+
+        def deferred(suffix: str) -> tuple[str, dict[str, Any]]:
+            _, path = get_fs(join(output, f"{name}{suffix}"), storage)
+            upload = multipart.upload_deferred(fs, path, built.files[suffix])
+            built.files[suffix].unlink()
+            return suffix, upload.as_dict()
+
+        with ThreadPoolExecutor(len(SUFFIXES), thread_name_prefix="curate-upload") as pool:
+            return dict(pool.map(deferred, SUFFIXES))
 
     def upload(suffix: str) -> None:
         local = built.files[suffix]
@@ -212,24 +235,35 @@ def stage(built: BuiltShard, output: str, run: str, storage: StorageOptions) -> 
             with_retries(lambda: fs.put_file(str(local), path), f"upload {path}")
         local.unlink()
 
-    fs, _ = get_fs(join(output, STAGING_DIR), storage)
     if is_local_fs(fs):
         for suffix in SUFFIXES:
             upload(suffix)
-        return
-    with ThreadPoolExecutor(len(SUFFIXES), thread_name_prefix="curate-upload") as pool:
-        list(pool.map(upload, SUFFIXES))
+    else:
+        with ThreadPoolExecutor(len(SUFFIXES), thread_name_prefix="curate-upload") as pool:
+            list(pool.map(upload, SUFFIXES))
+    return {}
 
 
-def publish(number: int, output: str, run: str, storage: StorageOptions) -> None:
-    """Move a staged shard into place, its ``.tar`` last (the other files at once, before
-    it); idempotent (a rerun after a crash finds the files already moved and moves the
-    rest)."""
+def publish(
+    number: int,
+    output: str,
+    run: str,
+    storage: StorageOptions,
+    uploads: dict[str, dict[str, Any]] | None = None,
+) -> None:
+    """Make a staged shard visible, its ``.tar`` last (the other files at once, before
+    it): complete its ``uploads`` (from :func:`stage`), or move it from the staging
+    folder. Idempotent: a rerun after a crash finds the files published already and
+    publishes the rest."""
     name = shard_name(number)
 
     def one(suffix: str) -> None:
-        fs, staged = get_fs(join(output, STAGING_DIR, run, f"{name}{suffix}"), storage)
         _, final = get_fs(join(output, f"{name}{suffix}"), storage)
+        if uploads:
+            upload = multipart.DeferredUpload.from_dict(uploads[suffix])
+            multipart.complete(fs, final, upload)
+            return
+        _, staged = get_fs(join(output, STAGING_DIR, run, f"{name}{suffix}"), storage)
         try:  # the copy's own look-up says whether it is still staged: no stat first
             move(fs, staged, final, name)
         except FileNotFoundError:
@@ -246,6 +280,26 @@ def publish(number: int, output: str, run: str, storage: StorageOptions) -> None
         with ThreadPoolExecutor(len(before), thread_name_prefix="curate-publish") as pool:
             list(pool.map(one, before))
     one(last)
+
+
+def abort_abandoned(output: str, storage: StorageOptions, keep: set[str]) -> int:
+    """Abort the uploads of shard files under ``output`` left by runs that crashed before
+    their commit (their ids not in ``keep``); one listing request. Returns how many."""
+    fs, path = get_fs(output, storage)
+    if not multipart.supported(fs):
+        return 0
+    aborted = 0
+    for key, upload_id in multipart.pending(fs, path):
+        name = key.rsplit("/", 1)[-1]
+        if key.rsplit("/", 1)[0] != path.rstrip("/") or upload_id in keep:
+            continue
+        if _SHARD_FILE.fullmatch(name):
+            multipart.abort(fs, key, upload_id)
+            aborted += 1
+    return aborted
+
+
+_SHARD_FILE = re.compile(rf"\d{{{SHARD_DIGITS},}}({'|'.join(re.escape(s) for s in SUFFIXES)})")
 
 
 def remove_staging(output: str, run: str, storage: StorageOptions) -> None:

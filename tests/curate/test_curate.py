@@ -271,6 +271,55 @@ def test_a_crash_leaves_no_visible_partial_shard_and_a_rerun_finishes(
     assert report.kept + report.dropped in (0, 16) and not (out / "_staging").exists()
 
 
+@pytest.mark.parametrize("point", ["curate_before_commit", "curate_before_publish"])
+def test_on_s3_a_crash_leaves_uploads_unseen_and_a_rerun_completes_or_aborts_them(
+    tmp_path: Path, s3_bucket: str, s3_endpoint: str, point: str
+) -> None:
+    """On S3, shards are staged as multipart uploads to their final keys, not completed:
+    before the commit a crash leaves nothing listed and the rerun aborts them; after it,
+    the rerun completes them. Either way the shards are a clean run's, byte for byte."""
+    import boto3
+
+    root = tmp_path / "emb"
+    night(tmp_path, "2026-11-01", seed=3)
+    body = spec(tmp_path, "crash", rows_per_shard=3, min_similarity=None)
+    body["output"] = {**body["output"], "url": f"s3://{s3_bucket}/curated",
+                      "storage": {"endpoint_url": s3_endpoint}}  # fmt: skip
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(body))
+    env = {**os.environ, "CLIPBATCH_CRASH_AT": point, "PYTHONPATH": str(REPO)}
+    crashed = subprocess.run(
+        [sys.executable, "-c", CURATE, str(root), str(path)],
+        env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert crashed.returncode == -9, crashed.stderr[-2000:]
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+
+    def listed() -> list[str]:
+        page = s3.list_objects_v2(Bucket=s3_bucket, Prefix="curated/")
+        return sorted(o["Key"].split("/", 1)[1] for o in page.get("Contents", []))
+
+    def uploads() -> list[str]:
+        page = s3.list_multipart_uploads(Bucket=s3_bucket, Prefix="curated/")
+        return sorted(u["Key"] for u in page.get("Uploads", []))
+
+    assert listed() == []  # nothing visible, nothing staged as a copy
+    assert len(uploads()) == 3 * 6  # 16 rows, 3 a shard: 6 shards of 3 files each
+    assert (SelectionState.read(str(root), "crash") is not None) == (
+        point == "curate_before_publish"
+    )
+    curate_root(str(root), str(path))
+    assert uploads() == []  # completed, or aborted and uploaded again
+    clean = {**body, "output": {"url": str(tmp_path / "clean"), "rows_per_shard": 3}}
+    curate_root(str(root), {**clean, "name": "clean"})
+    expected = sorted(p.name for p in (tmp_path / "clean").iterdir())
+    assert listed() == expected
+    for name in expected:
+        if name.endswith(".tar"):
+            got = s3.get_object(Bucket=s3_bucket, Key=f"curated/{name}")["Body"].read()
+            assert got == (tmp_path / "clean" / name).read_bytes()
+
+
 def test_a_changed_source_image_is_a_recorded_drop_not_a_copy(tmp_path: Path) -> None:
     root = tmp_path / "emb"
     night(tmp_path, "2026-11-01", seed=4, shards=1)

@@ -70,6 +70,8 @@ def test_the_flow_curates_on_s3_with_coalesced_reads_and_an_artifact(
             assert names == sorted(
                 f"{i:05d}{suffix}" for i in range(shards) for suffix in (".tar", ".parquet", "_stats.json")
             )  # fmt: skip
+            pending = s3.list_multipart_uploads(Bucket=s3_bucket, Prefix=f"curated{n}/")
+            assert not pending.get("Uploads")  # every staged upload completed
             body = s3.get_object(Bucket=s3_bucket, Key=f"curated{n}/00000.tar")["Body"].read()
             with tarfile.open(fileobj=io.BytesIO(body)) as tar:
                 assert sorted({m.name.split(".", 1)[1] for m in tar}) == ["jpg", "json", "txt"]
