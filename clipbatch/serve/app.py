@@ -29,7 +29,6 @@ Example::
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hmac
 import io
@@ -44,6 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware import Middleware
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -56,6 +56,7 @@ from clipbatch.query.model import Recorded, TableModel
 from clipbatch.records import OK, TOO_LARGE
 from clipbatch.serve.batching import DynamicBatcher
 from clipbatch.serve.catalog import RowNotFound, UnknownJudgement, parse_score_filter
+from clipbatch.serve.fastpath import EncodeTextFastPath
 from clipbatch.serve.images import THUMBNAIL_SIZES, ImageService, NotAnImageError
 from clipbatch.serve.search import RootSearch
 from clipbatch.serve.settings import ServeSettings
@@ -153,9 +154,12 @@ class ServerState:
 # -- the app --------------------------------------------------------------------------------
 
 
-def create_app(settings: ServeSettings, state: ServerState | None = None) -> FastAPI:
+def create_app(
+    settings: ServeSettings, state: ServerState | None = None, fast_path: bool = True
+) -> FastAPI:
     """The app for ``settings.root``; loads rows, index and model now (seconds). A
     ``state`` given is shared (several apps, one model), and left open at shutdown.
+    ``fast_path`` False: every request through FastAPI (:mod:`clipbatch.serve.fastpath`).
 
     Example::
 
@@ -194,6 +198,10 @@ def create_app(settings: ServeSettings, state: ServerState | None = None) -> Fas
         )
     _errors(app)
     _routes(app, state)
+    if fast_path:  # innermost of the middlewares: after the token and the body limit
+        app.user_middleware.append(
+            Middleware(EncodeTextFastPath, state=state, max_texts=settings.max_texts)
+        )
     static = resources.files("clipbatch.serve").joinpath("static")
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
     return app
@@ -298,10 +306,8 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         limit is truncated, and ``truncated`` says so."""
         if len(body.texts) > settings.max_texts:
             raise HTTPException(413, f"at most {settings.max_texts} texts per request")
-        results = await asyncio.wrap_future(state.texts.submit(body.texts))
-        vectors = np.stack([v for v, _ in results])
-        truncated = [bool(t) for _, t in results]
-        return _vectors_response(request, vectors, {"truncated": truncated}, state)
+        results = await state.texts.submit_async(body.texts)
+        return text_vectors_response(request.headers.get("accept", ""), results, state)
 
     @app.post("/api/encode/image")
     async def encode_image(
@@ -310,9 +316,10 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         """Image vectors from the table's own model, preprocessed as the table recorded."""
         datas = [await f.read() for f in files]
         rows = _decoded(state, datas, [f.filename or f"file {i}" for i, f in enumerate(files)])
-        vectors = np.stack(await asyncio.wrap_future(state.images.submit(rows)))
+        vectors = np.stack(await state.images.submit_async(rows))
         sizes = [{"width": r.width, "height": r.height} for r in rows]
-        return _vectors_response(request, vectors, {"images": sizes}, state)
+        accept = request.headers.get("accept", "")
+        return _vectors_response(accept, vectors, {"images": sizes}, state)
 
     def run_search(q: np.ndarray, params: SearchIn, exclude: int | None) -> dict[str, Any]:
         mask = catalog.mask(
@@ -343,7 +350,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         if params.text is not None:
             if not params.text.strip():
                 raise HTTPException(400, "the text is empty")
-            [(q, truncated)] = await asyncio.wrap_future(state.texts.submit([params.text]))
+            [(q, truncated)] = await state.texts.submit_async([params.text])
             query: dict[str, Any] = {"text": params.text, "truncated": bool(truncated)}
         else:
             exclude = catalog.find(params.key, params.table)
@@ -379,7 +386,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             raise RequestValidationError(e.errors()) from e
         start = time.perf_counter()
         rows = _decoded(state, [await file.read()], [file.filename or "file"])
-        [q] = await asyncio.wrap_future(state.images.submit(rows))
+        [q] = await state.images.submit_async(rows)
         encode_ms = (time.perf_counter() - start) * 1000
         out = run_search(q, filters, None)
         query = {"image": file.filename, "width": rows[0].width, "height": rows[0].height}
@@ -484,10 +491,18 @@ def _decoded(state: ServerState, datas: list[bytes], names: list[str]) -> list[A
     return rows
 
 
-def _vectors_response(
-    request: Request, vectors: np.ndarray, extra: dict[str, Any], state: ServerState
+def text_vectors_response(
+    accept: str, results: list[tuple[np.ndarray, bool]], state: ServerState
 ) -> Response:
-    accept = request.headers.get("accept", "")
+    """``POST /api/encode/text``'s answer: the vectors and which texts were truncated."""
+    vectors = np.stack([v for v, _ in results])
+    truncated = [bool(t) for _, t in results]
+    return _vectors_response(accept, vectors, {"truncated": truncated}, state)
+
+
+def _vectors_response(
+    accept: str, vectors: np.ndarray, extra: dict[str, Any], state: ServerState
+) -> Response:
     model = state.model.describe()
     headers = {
         "X-Clipbatch-Model": model["name"],

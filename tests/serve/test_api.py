@@ -322,3 +322,88 @@ def test_image_search_takes_a_similarity_range(server, table: Path) -> None:
     ).json()
     assert got["hits"] and all(h["similarity"] >= lo for h in got["hits"])
     assert row["key"] not in {h["key"] for h in got["hits"]}
+
+
+@pytest.mark.parametrize(
+    ("body", "headers"),
+    [
+        (b'{"texts": ["a red circle", "a blue square"]}', {}),
+        (b'{"texts": ["a red circle"]}', {"Accept": "application/x-npy"}),
+        (b'{"texts": ["a red circle"]}', {"Accept": "application/vnd.apache.arrow.stream"}),
+        (json.dumps({"texts": ["a " * 200]}).encode(), {}),
+        (b'{"texts": []}', {}),
+        (b'{"texts": ["ok", "  "]}', {}),
+        (b'{"texts": "a red circle"}', {}),
+        (b'{"texts": ["a"], "more": 1}', {}),
+        (b'{"texts": ["a", 3]}', {}),
+        (b"not json", {}),
+        (b'{"texts": ["a red circle"]}', {"Content-Type": "text/plain"}),
+        (json.dumps({"texts": ["x"] * 1025}).encode(), {}),
+    ],
+    ids=[
+        "json",
+        "npy",
+        "arrow",
+        "truncated",
+        "none",
+        "blank",
+        "a-string",
+        "more-keys",
+        "a-number",
+        "not-json",
+        "not-json-type",
+        "too-many",
+    ],  # fmt: skip
+)
+def test_the_encode_fast_path_answers_as_the_route_does(server, body, headers) -> None:
+    client, state = server
+    with TestClient(create_app(state.settings, state, fast_path=False)) as route:
+        sent = {"Content-Type": "application/json", **headers}
+        fast = client.post("/api/encode/text", content=body, headers=sent)
+        slow = route.post("/api/encode/text", content=body, headers=sent)
+    assert (fast.status_code, fast.content) == (slow.status_code, slow.content)
+    for name in ("content-type", "x-clipbatch-model", "x-clipbatch-checkpoint"):
+        assert fast.headers.get(name) == slow.headers.get(name)
+
+
+def test_the_fast_path_answers_well_formed_requests_itself_and_passes_on_the_rest(
+    server,
+) -> None:
+    """The middleware alone, before an app that records what reaches it."""
+    import asyncio
+
+    from clipbatch.serve.fastpath import EncodeTextFastPath
+
+    _, state = server
+    reached: list[bytes] = []
+
+    async def route(scope: dict, receive, send) -> None:  # noqa: ANN001 - ASGI
+        message = await receive()
+        reached.append(message["body"])
+        await send({"type": "http.response.start", "status": 299, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    fast = EncodeTextFastPath(route, state=state, max_texts=4)
+
+    def post(body: bytes, chunk: int = 5) -> int:
+        pieces = [body[i : i + chunk] for i in range(0, len(body), chunk)] or [b""]
+        messages = [{"type": "http.request", "body": p, "more_body": i < len(pieces) - 1}
+                    for i, p in enumerate(pieces)]  # fmt: skip
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return messages.pop(0)
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/api/encode/text",
+                 "headers": [(b"content-type", b"application/json")]}  # fmt: skip
+        asyncio.run(fast(scope, receive, send))
+        return sent[0]["status"]
+
+    assert post(b'{"texts": ["a red circle"]}') == 200 and reached == []
+    too_many = json.dumps({"texts": ["x"] * 5}).encode()
+    for bad in (b'{"texts": [""]}', too_many, b"{"):
+        assert post(bad) == 299
+        assert reached[-1] == bad  # the whole body, read in pieces, replayed
