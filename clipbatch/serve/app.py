@@ -30,6 +30,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import io
 import logging
@@ -200,7 +201,12 @@ def create_app(
     _routes(app, state)
     if fast_path:  # innermost of the middlewares: after the token and the body limit
         app.user_middleware.append(
-            Middleware(EncodeTextFastPath, state=state, max_texts=settings.max_texts)
+            Middleware(
+                EncodeTextFastPath,
+                state=state,
+                max_texts=settings.max_texts,
+                respond=functools.partial(text_vectors_response, state=state),
+            )
         )
     static = resources.files("clipbatch.serve").joinpath("static")
     app.mount("/static", StaticFiles(directory=str(static)), name="static")

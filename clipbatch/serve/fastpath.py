@@ -5,8 +5,8 @@ forward passes are shared, and what remains is the event loop's work for each re
 FastAPI's part of it (routing, dependency solving, body validation, its exception
 middleware) is about half, on the one core the loop holds. This middleware answers a
 well-formed request (a JSON object ``{"texts": [...]}``, at most ``max_texts`` texts, none
-blank) straight from the batcher, with the response the route makes
-(:func:`clipbatch.serve.app.text_vectors_response`). Anything else, or any error on the
+blank) straight from the batcher, with the response the route makes (``respond``:
+:func:`clipbatch.serve.app.text_vectors_response`). Anything else, or any error on the
 way, goes on to the route with the body replayed, so that every bad request gets the
 route's own 4xx and message. The route stays the API's description (OpenAPI).
 
@@ -14,13 +14,17 @@ It sits inside the token check and the body limit (``create_app`` adds it innerm
 
 Example::
 
-    app.user_middleware.append(Middleware(EncodeTextFastPath, state=state, max_texts=1024))
+    respond = functools.partial(text_vectors_response, state=state)
+    app.user_middleware.append(
+        Middleware(EncodeTextFastPath, state=state, max_texts=1024, respond=respond)
+    )
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -31,10 +35,13 @@ PATH = "/api/encode/text"
 class EncodeTextFastPath:
     """Plain ASGI middleware; see the module."""
 
-    def __init__(self, app: Any, state: Any, max_texts: int) -> None:
+    def __init__(
+        self, app: Any, state: Any, max_texts: int, respond: Callable[[str, list], Any]
+    ) -> None:
         self.app = app
         self.state = state
         self.max_texts = max_texts
+        self.respond = respond  # (accept, results) -> the route's response
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST":
@@ -60,11 +67,9 @@ class EncodeTextFastPath:
         if texts is None:
             await self.app(scope, _replay(body, None, receive), send)
             return
-        from clipbatch.serve.app import text_vectors_response
-
         try:
             results = await self.state.texts.submit_async(texts)
-            response = text_vectors_response(accept, results, self.state)
+            response = self.respond(accept, results)
         except Exception:  # noqa: BLE001 - the route answers it, as it always has
             log.debug("the fast path passed a request on to the route", exc_info=True)
             await self.app(scope, _replay(body, None, receive), send)

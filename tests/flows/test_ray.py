@@ -56,16 +56,43 @@ def ray_address() -> Iterator[str]:
     argv = [RAY, "start", "--head", "--port", str(free_port()), "--num-cpus", "2"]
     argv += ["--num-gpus", "1", "--ray-client-server-port", str(client_port)]
     argv += ["--include-dashboard", "false", "--disable-usage-stats"]
+    # Loopback only: without it Ray binds its processes to the machine's own address and
+    # they connect to one another there (tests reach 127.0.0.1 and ::1, nothing else).
+    argv += ["--node-ip-address", "127.0.0.1"]
     # A short temp dir: Ray's Unix sockets live under it, and a socket path over 107 bytes
     # (pytest's tmp_path is deep) makes the Ray client's per-client server die at start.
     temp = tempfile.mkdtemp(prefix="cbray-")
     argv += ["--temp-dir", temp]
+    address = f"ray://127.0.0.1:{client_port}"
     try:
         subprocess.run(argv, cwd=REPO, env=env, check=True, capture_output=True, timeout=120)
-        yield f"ray://127.0.0.1:{client_port}"
+        _first_connection(address)
+        yield address
     finally:
+        # Shown with a failing test: why a Ray client server did not start, if one did not.
+        for log in sorted(Path(temp).glob("session_*/logs/ray_client_server*.err")):
+            text = log.read_text(errors="replace").strip()
+            if text:
+                print(f"--- {log.name}:\n{text[-3000:]}")
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=60)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _first_connection(address: str, attempts: int = 3) -> None:
+    """Connect once before the flow does: on a loaded machine the first client's server
+    can fail to start (its first imports are slow); the cluster is then known to answer."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address=address, logging_level="WARNING")
+            assert ray.get(ray.put(1)) == 1
+            return
+        except ConnectionError:
+            if attempt == attempts:
+                raise
+        finally:
+            ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -371,7 +371,9 @@ def test_the_fast_path_answers_well_formed_requests_itself_and_passes_on_the_res
 ) -> None:
     """The middleware alone, before an app that records what reaches it."""
     import asyncio
+    import functools
 
+    from clipbatch.serve.app import text_vectors_response
     from clipbatch.serve.fastpath import EncodeTextFastPath
 
     _, state = server
@@ -383,7 +385,8 @@ def test_the_fast_path_answers_well_formed_requests_itself_and_passes_on_the_res
         await send({"type": "http.response.start", "status": 299, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
-    fast = EncodeTextFastPath(route, state=state, max_texts=4)
+    respond = functools.partial(text_vectors_response, state=state)
+    fast = EncodeTextFastPath(route, state=state, max_texts=4, respond=respond)
 
     def post(body: bytes, chunk: int = 5) -> int:
         pieces = [body[i : i + chunk] for i in range(0, len(body), chunk)] or [b""]
