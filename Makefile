@@ -15,7 +15,7 @@ demo: $(VENV)/.installed-base
 	$(BIN)/clipbatch demo
 
 test: $(VENV)/.installed-dev $(FLOOR)/.installed system-deps lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # Lint, formatting and the generated reference pages (seconds): part of make test.
 lint: $(VENV)/.installed-dev

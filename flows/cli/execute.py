@@ -23,7 +23,13 @@ from clipbatch.errors import RunStopped
 def stop_on_sigterm() -> Iterator[None]:
     """SIGTERM raises :class:`RunStopped` in the main thread. Prefect's own handler, which
     it installs around a flow run, hands the signal on to this one when its run has
-    recorded the crash, so the stop still reaches us (and no child is left behind)."""
+    recorded the crash, so the stop still reaches us (and no child is left behind).
+
+    SIGINT raises KeyboardInterrupt, as Python's own handler does, but from a handler of
+    ours: ``asyncio.run`` replaces Python's (and only Python's) with one that cancels its
+    task instead, and a task that swallows the cancellation ends normally, so a SIGINT
+    that came while the main thread ran an event loop was lost and the run went on to
+    exit 0. A SIGINT ignored (a background job's) stays ignored."""
 
     def stop(signum: int, frame: object) -> None:
         raise RunStopped(signal.Signals(signum).name)
@@ -33,10 +39,19 @@ def stop_on_sigterm() -> Iterator[None]:
     except ValueError:  # not the main thread: nothing to install
         yield
         return
+    previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if previous_int is signal.default_int_handler:
+            signal.signal(signal.SIGINT, previous_int)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def execute(

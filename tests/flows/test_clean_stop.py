@@ -87,3 +87,27 @@ def test_a_signal_mid_run_stops_everything_and_a_rerun_completes(tmp_path: Path,
     assert len(keys) == len(set(keys)) == SHARDS * 6
     assert not (dest / "_tmp").exists()
     assert validate(table).ok
+
+
+def test_a_sigint_while_an_event_loop_runs_still_stops_the_run() -> None:
+    """``asyncio.run`` turns Python's SIGINT handler into a cancel of its task; a task
+    that swallows it ends normally and the SIGINT is lost (the run went on, exit 0: seen
+    once in this module's test). The run's handler raises KeyboardInterrupt whatever
+    runs in the main thread."""
+    import asyncio
+
+    from clipbatch_flows.cli.execute import stop_on_sigterm
+
+    async def swallows_a_cancel() -> str:
+        try:
+            signal.raise_signal(signal.SIGINT)
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            return "went on"
+        return "not interrupted"
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert asyncio.run(swallows_a_cancel()) == "went on"  # Python's handler: lost
+    with stop_on_sigterm(), pytest.raises(KeyboardInterrupt):
+        asyncio.run(swallows_a_cancel())
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
