@@ -710,8 +710,10 @@ def _publish_staged(
 
     # Shards are published independently of one another (each its .tar last): at once.
     def one(entry: dict[str, Any]) -> None:
-        output, storage_ = spec.output.url, spec.output.storage
-        publish(entry["number"], output, entry["run"], storage_, entry.get("uploads"))
+        publish(
+            entry["number"], spec.output.url, entry["run"], spec.output.storage,
+            entry.get("uploads"),
+        )  # fmt: skip
 
     with ThreadPoolExecutor(PUBLISH_THREADS, thread_name_prefix="curate-publish") as pool:
         list(pool.map(one, entries))

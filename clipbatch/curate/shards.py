@@ -290,10 +290,8 @@ def abort_abandoned(output: str, storage: StorageOptions, keep: set[str]) -> int
         return 0
     aborted = 0
     for key, upload_id in multipart.pending(fs, path):
-        name = key.rsplit("/", 1)[-1]
-        if key.rsplit("/", 1)[0] != path.rstrip("/") or upload_id in keep:
-            continue
-        if _SHARD_FILE.fullmatch(name):
+        folder, _, name = key.rpartition("/")
+        if folder == path.rstrip("/") and upload_id not in keep and _SHARD_FILE.fullmatch(name):
             multipart.abort(fs, key, upload_id)
             aborted += 1
     return aborted

@@ -72,24 +72,22 @@ class DynamicBatcher(Generic[T, R]):
 
     def submit(self, items: Sequence[T]) -> Future:
         """A future of the results for ``items`` (a list, in order)."""
-        job: _Job[T] = _Job(list(items))
-        if not job.items:
-            job.future.set_result([])
-            return job.future
-        self._queue.put(job)
-        return job.future
+        return self._enqueue(_Job(list(items)))  # type: ignore[return-value]
 
     def submit_async(self, items: Sequence[T]) -> asyncio.Future:
         """``submit`` for a coroutine: an asyncio future of the running loop. A pass
         resolves all its requests of one loop in one call into that loop (not one
         thread-safe wake-up per request)."""
         loop = asyncio.get_running_loop()
-        job: _Job[T] = _Job(list(items), loop.create_future(), loop)
+        return self._enqueue(_Job(list(items), loop.create_future(), loop))  # type: ignore[return-value]
+
+    def _enqueue(self, job: _Job[T]) -> Future | asyncio.Future:
+        """The job queued for a pass (nothing to encode: answered at once); its future."""
         if not job.items:
             job.future.set_result([])
-            return job.future  # type: ignore[return-value]
-        self._queue.put(job)
-        return job.future  # type: ignore[return-value]
+        else:
+            self._queue.put(job)
+        return job.future
 
     def close(self) -> None:
         self._queue.put(None)

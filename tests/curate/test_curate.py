@@ -235,6 +235,16 @@ curate_root(sys.argv[1], sys.argv[2])
 """
 
 
+def crash_curation(root: Path, spec_path: Path, point: str) -> None:
+    """``curate_root`` in a child process, SIGKILLed at the crash point ``point``."""
+    env = {**os.environ, "CLIPBATCH_CRASH_AT": point, "PYTHONPATH": str(REPO)}
+    crashed = subprocess.run(
+        [sys.executable, "-c", CURATE, str(root), str(spec_path)],
+        env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert crashed.returncode == -9, crashed.stderr[-2000:]
+
+
 @pytest.mark.parametrize(
     "point", ["curate_mid_write", "curate_before_commit", "curate_before_publish"]
 )
@@ -247,12 +257,7 @@ def test_a_crash_leaves_no_visible_partial_shard_and_a_rerun_finishes(
     path.write_text(json.dumps(spec(tmp_path, "crash", rows_per_shard=3, min_similarity=None)))
     clean_root = tmp_path / "clean"
     shutil.copytree(root, clean_root / "emb")
-    env = {**os.environ, "CLIPBATCH_CRASH_AT": point, "PYTHONPATH": str(REPO)}
-    crashed = subprocess.run(
-        [sys.executable, "-c", CURATE, str(root), str(path)],
-        env=env, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
-    assert crashed.returncode == -9, crashed.stderr[-2000:]
+    crash_curation(root, path, point)
     out = tmp_path / "out-crash"
     assert not list(out.glob("*.tar")) and not list(out.glob("*.parquet"))  # nothing visible
     committed = SelectionState.read(str(root), "crash")
@@ -287,12 +292,7 @@ def test_on_s3_a_crash_leaves_uploads_unseen_and_a_rerun_completes_or_aborts_the
                       "storage": {"endpoint_url": s3_endpoint}}  # fmt: skip
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(body))
-    env = {**os.environ, "CLIPBATCH_CRASH_AT": point, "PYTHONPATH": str(REPO)}
-    crashed = subprocess.run(
-        [sys.executable, "-c", CURATE, str(root), str(path)],
-        env=env, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
-    assert crashed.returncode == -9, crashed.stderr[-2000:]
+    crash_curation(root, path, point)
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
 
     def listed() -> list[str]:
