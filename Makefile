@@ -14,8 +14,12 @@ FLOOR_PYARROW ?= 17.0.0
 demo: $(VENV)/.installed-base
 	$(BIN)/clipbatch demo
 
+# Two pytest workers, a whole test file each (module fixtures such as a Prefect server
+# and its worker stay in one process): about 10 minutes on 2 cores, against 15 in one.
+TEST_WORKERS ?= 2
+
 test: $(VENV)/.installed-dev $(FLOOR)/.installed system-deps lint
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # Lint, formatting and the generated reference pages (seconds): part of make test.
 lint: $(VENV)/.installed-dev

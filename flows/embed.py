@@ -31,7 +31,7 @@ from clipbatch.config import EmbedConfig
 from clipbatch.errors import RunStopped, ShardTaskError
 from clipbatch.pipeline.devices import device_slots
 from clipbatch.pipeline.summary import RunFailedError, RunSummary
-from clipbatch.pipeline.worker import failed_result
+from clipbatch.pipeline.worker import committed_result, failed_result
 from clipbatch.plan.planner import ShardSlice, commit_record, plan_shards
 from clipbatch.plan.preflight import preflight
 from clipbatch.records import ShardResult, ShardSpec
@@ -219,26 +219,63 @@ def _run_windowed(
 ) -> None:
     """Submit groups with at most ``window`` task runs in flight; report every shard."""
 
+    # The shards of each task run (not retries of failed rows) not yet reported; a shard
+    # leaves as it is reported, so a stop at any point counts each shard once.
+    unreported: dict[PrefectFuture, dict[str, ShardSpec]] = {}
+
     def start(item: tuple[list[ShardSpec], bool]) -> PrefectFuture:
         group, retry = item
         fps = [fingerprints[s.name] for s in group]
-        return task.submit(group, fps, config, run_id, meta, retry_failed=retry)
+        future = task.submit(group, fps, config, run_id, meta, retry_failed=retry)
+        if not retry:
+            unreported[future] = {s.name: s for s in group}
+        return future
 
     def first_done(futures: list[PrefectFuture]) -> PrefectFuture:
         return next(as_completed(futures))
 
-    for (group, _), done in completed(groups, start, window, first_done):
-        done.wait()
-        if done.state.is_completed():
-            results = list(done.result())
-        else:
-            try:
-                exc = done.result(raise_on_failure=False)
-            except Exception as e:  # noqa: BLE001 - e.g. Dask's KilledWorker: no state came back
-                exc = e
-            results = group_failure(group, fingerprints, exc, done.state)
-        for result in results:
+    try:
+        for (group, _), done in completed(groups, start, window, first_done):
+            done.wait()
+            if done.state.is_completed():
+                results = list(done.result())
+            else:
+                try:
+                    exc = done.result(raise_on_failure=False)
+                except Exception as e:  # noqa: BLE001 - e.g. Dask's KilledWorker: no state
+                    exc = e
+                results = group_failure(group, fingerprints, exc, done.state)
+            for result in results:
+                unreported.get(done, {}).pop(result.shard, None)
+                finished(result)
+            unreported.pop(done, None)
+    except BaseException:
+        # Stopped or crashed: a task run may have committed shards whose results never
+        # came back. Count them, so the run record says how far the run really got.
+        left = [list(shards.values()) for shards in unreported.values()]
+        for result in committed_in_flight(left, fingerprints, config):
             finished(result)
+        raise
+
+
+def committed_in_flight(
+    groups: list[list[ShardSpec]], fingerprints: dict[str, str], config: EmbedConfig
+) -> list[ShardResult]:
+    """The shards of unfinished task runs whose output is already committed.
+
+    A footer read and a HEAD per shard in flight (bounded by the window, not by the
+    dataset). When storage fails, checking stops there (one retry sequence, not one per
+    shard): the next run adopts what was committed anyway.
+    """
+    found: list[ShardResult] = []
+    for shard in (s for group in groups for s in group):
+        try:
+            result = committed_result(shard, config, fingerprints[shard.name])
+        except Exception:  # noqa: BLE001 - the stop or crash matters more than the count
+            break
+        if result is not None:
+            found.append(result)
+    return found
 
 
 def group_failure(

@@ -172,6 +172,35 @@ def test_file_with_another_fingerprint_is_redone_not_trusted(done, tmp_path):
     assert todo(config(src, other, **{"sink.dtype": "float32"})) == ["00000", "00001", "00002"]
 
 
+def test_a_stopped_run_counts_what_its_unfinished_tasks_committed(done, tmp_path):
+    """A stop mid-run: task runs in flight may have committed shards whose results never
+    came back. The flow checks those shards (and only those) so the run record counts
+    them; a shard with another fingerprint or no file is not counted."""
+    from clipbatch_flows.embed import committed_in_flight
+
+    src, dest = done
+    cfg = config(src, dest)
+    plan = plan_shards(cfg)
+    shards = {s.name: s for s in plan.skipped}
+    groups = [[shards["00000"], shards["00001"]], [shards["00002"]]]
+    found = committed_in_flight(groups, plan.fingerprints, plan.config or cfg)
+    assert [(r.shard, r.status, r.rows) for r in found] == [
+        ("00000", "committed", 3),
+        ("00001", "committed", 3),
+        ("00002", "committed", 3),
+    ]
+    assert all(r.output_uri.endswith(f"{r.shard}.parquet") for r in found)
+    other = tmp_path / "out"
+    other.mkdir()
+    (other / "00001.parquet").write_bytes((dest / "00001.parquet").read_bytes())
+    stale = dict(plan.fingerprints, **{"00001": "another-fingerprint"})
+    cfg_other = (plan.config or cfg).model_copy(
+        update={"sink": (plan.config or cfg).sink.model_copy(update={"url": str(other)})}
+    )
+    assert committed_in_flight(groups, plan.fingerprints, cfg_other)[0].shard == "00001"
+    assert committed_in_flight(groups, stale, cfg_other) == []
+
+
 def _dead_pid() -> int:
     proc = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],
