@@ -242,6 +242,19 @@ class FaultProxy:
             if not self._settled.wait_for(lambda: self._active == 0, timeout):
                 raise TimeoutError(f"{self._active} connection(s) still open after {timeout}s")
 
+    def clear_exchanges(self) -> None:
+        """Forget the exchanges recorded so far, once every connection accepted so far
+        is recorded: a late record of an earlier exchange cannot land after the clear."""
+        self.settle()
+        with self._lock:
+            self.exchanges.clear()
+
+    def recorded(self) -> list[Exchange]:
+        """The exchanges so far, once every connection accepted so far is recorded."""
+        self.settle()
+        with self._lock:
+            return list(self.exchanges)
+
     def _serve(self, client: socket.socket) -> None:
         with self._lock:
             self._active += 1

@@ -53,11 +53,11 @@ def test_the_flow_curates_on_s3_with_coalesced_reads_and_an_artifact(
                 "output": {"url": f"s3://{s3_bucket}/curated{n}", "rows_per_shard": 5,
                            "storage": {"endpoint_url": proxy.url}},
             }  # fmt: skip
-            proxy.exchanges.clear()
+            proxy.clear_exchanges()
             state = curate_flow(root=root, spec=spec, storage=via, return_state=True)
             report = state.result()
             assert report["kept"] == 8 * n and report["dropped"] == 0
-            exchanges = list(proxy.exchanges)
+            exchanges = proxy.recorded()
             tar_reads = [
                 e for e in exchanges
                 if e.method == "GET" and unquote(urlsplit(e.target).path).endswith(".tar")

@@ -120,7 +120,7 @@ def one_thread_reference(
 def staged_by(proxy: FaultProxy) -> dict[str, int]:
     """Shard name -> pid of the process that staged it (a PUT under {dest}/_tmp/)."""
     out = {}
-    for ex in list(proxy.exchanges):
+    for ex in proxy.recorded():
         path = unquote(urlsplit(ex.target).path)
         if ex.method != "PUT" or f"/{TMP_DIR}/" not in path:
             continue

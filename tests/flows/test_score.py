@@ -61,23 +61,23 @@ def test_the_flow_judges_a_root_on_s3_at_the_same_cost_per_file(
             )
             root = upload_dir(local, s3_bucket, f"emb{n}", s3_endpoint)
             storage = StorageOptions(endpoint_url=proxy.url)
-            proxy.exchanges.clear()
+            proxy.clear_exchanges()
             state = score_flow(root=root, heads=[head], storage=storage, return_state=True)
             head_report, dedup_report = state.result()
             assert (head_report["files_scored"], head_report["rows"]) == (n, n * ROWS_PER_FILE)
             assert (dedup_report["files_new"], dedup_report["rows_new"]) == (n, n * ROWS_PER_FILE)
-            exchanges = list(proxy.exchanges)
+            exchanges = proxy.recorded()
             reads = _table_reads(exchanges)
             # Each shard file is read a bounded number of times (its footer and two
             # columns, by the head; and by SemDeDup, to train and then to assign).
             assert len(reads) == n and max(reads.values()) <= 12, reads
             per_file[n] = (len(exchanges) / n, sum(e.sent + e.received for e in exchanges) / n)
             # Nothing new: a few requests for the whole root, however many files it has.
-            proxy.exchanges.clear()
+            proxy.clear_exchanges()
             again = score_flow(root=root, heads=[head], storage=storage)
             assert again[0]["files_scored"] == 0 and again[1]["files_new"] == 0
-            assert _table_reads(list(proxy.exchanges)) == {}
-            assert len(proxy.exchanges) <= 20, [e.target for e in proxy.exchanges]
+            assert _table_reads(proxy.recorded()) == {}
+            assert len(proxy.recorded()) <= 20, [e.target for e in proxy.exchanges]
         # The scores are on S3 beside the table, one file per shard file.
         fs, path = get_fs(f"{root}/date=2026-11-01/_scores/aesthetic-laion-v2", storage)
         scores = pq.read_table(path, filesystem=fs)

@@ -348,10 +348,10 @@ def test_building_on_s3_costs_the_same_per_file_at_two_table_sizes(
             src_url = upload_dir(src, s3_bucket, f"src{n}", s3_endpoint)
             dest = f"s3://{s3_bucket}/emb{n}/date=2026-11-01/"
             run_plan(plan_shards(tiny_s3_config(src_url, dest, s3_endpoint)), "t")
-            proxy.exchanges.clear()
+            proxy.clear_exchanges()
             report = build_index(partition_root(dest), "image", storage=_via(proxy))
             assert (report.mode, report.vectors) == ("built", 8 * n)
-            exchanges = list(proxy.exchanges)
+            exchanges = proxy.recorded()
             reads = _shard_reads(exchanges)
             assert len(reads) == n
             # Footer and column chunks, once; the first and last file's footer again
@@ -378,10 +378,10 @@ def test_a_build_past_its_memory_bound_reads_each_file_twice_for_the_same_index(
     proxy = FaultProxy(s3_endpoint).start()
     try:
         for label, hold in (("one pass", 1 << 30), ("two passes", 1)):
-            proxy.exchanges.clear()
+            proxy.clear_exchanges()
             settings = IndexSettings(factory="Flat", rebuild=True, hold_bytes=hold)
             report = build_index(root, "image", settings, storage=_via(proxy))
-            reads = _shard_reads(list(proxy.exchanges))
+            reads = _shard_reads(proxy.recorded())
             index = open_index(root, "image", StorageOptions(endpoint_url=s3_endpoint))
             vectors = index.index.index.reconstruct_n(0, index.index.ntotal)
             mapped = faiss.vector_to_array(index.index.id_map)
@@ -419,7 +419,7 @@ def test_building_reads_the_key_and_vector_columns_not_whole_files(
     proxy = FaultProxy(s3_endpoint).start()
     try:
         report = build_index(dest, "image", storage=_via(proxy))
-        reads = _shard_reads(list(proxy.exchanges))
+        reads = _shard_reads(proxy.recorded())
     finally:
         proxy.stop()
     assert report.vectors == 1000

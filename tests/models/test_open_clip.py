@@ -268,7 +268,7 @@ def test_object_store_folder_is_fetched_once_per_version(
         assert first.source == f"{url}/" and first.display_name == cfg.name
         cached = Path(first.load_arg)
         assert cached.is_dir() and cached != folders["shortest"]
-        proxy.exchanges.clear()
+        proxy.clear_exchanges()
         again = resolve_checkpoint(cfg)
         # Unchanged objects: not one object fetched again.
         assert object_gets(proxy, s3_bucket, "models/oc/") == []
@@ -280,12 +280,12 @@ def test_object_store_folder_is_fetched_once_per_version(
         boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").put_object(
             Bucket=s3_bucket, Key="models/oc/open_clip_config.json", Body=config_json
         )
-        proxy.exchanges.clear()
+        proxy.clear_exchanges()
         changed = resolve_checkpoint(cfg)
         assert sorted(set(object_gets(proxy, s3_bucket, "models/oc/"))) == files  # new version
         assert changed.load_arg != first.load_arg
         assert changed.fingerprint_identity() != first.fingerprint_identity()
-        proxy.exchanges.clear()
+        proxy.clear_exchanges()
         loaded = load_model(cfg, "cpu")
         assert object_gets(proxy, s3_bucket, "models/oc/") == []  # loads from the cache
         assert loaded.image_preprocess.resize_mode == "longest"

@@ -174,10 +174,10 @@ def counted_run(config_for, proxy: FaultProxy) -> tuple[dict, list[Exchange], fl
     input to the index's cap: its writer flushes by time too)."""
     from clipbatch_flows.embed import embed_dataset
 
-    proxy.exchanges.clear()
+    proxy.clear_exchanges()
     start = time.monotonic()
     summary = embed_dataset(config_for(proxy.url))
-    return summary, list(proxy.exchanges), time.monotonic() - start
+    return summary, proxy.recorded(), time.monotonic() - start
 
 
 @pytest.mark.parametrize("form", ["prefix", "brace"])
@@ -257,7 +257,7 @@ def test_planning_lists_a_brace_pattern_once_with_no_head_per_name(
             source_url(bucket, n, "brace"), f"s3://{bucket}/plan-only/", proxy.url
         )
         plan = plan_shards(config)
-        exchanges = list(proxy.exchanges)
+        exchanges = proxy.recorded()
     finally:
         proxy.stop()
     assert len(plan.todo) == n and plan.config.source.kind == "webdataset"
