@@ -252,23 +252,23 @@ def _run_windowed(
     except BaseException:
         # Stopped or crashed: a task run may have committed shards whose results never
         # came back. Count them, so the run record says how far the run really got.
-        left = [list(shards.values()) for shards in unreported.values()]
+        left = [shard for shards in unreported.values() for shard in shards.values()]
         for result in committed_in_flight(left, fingerprints, config):
             finished(result)
         raise
 
 
 def committed_in_flight(
-    groups: list[list[ShardSpec]], fingerprints: dict[str, str], config: EmbedConfig
+    shards: list[ShardSpec], fingerprints: dict[str, str], config: EmbedConfig
 ) -> list[ShardResult]:
-    """The shards of unfinished task runs whose output is already committed.
+    """Those of ``shards`` (of unfinished task runs) whose output is already committed.
 
     A footer read and a HEAD per shard in flight (bounded by the window, not by the
     dataset). When storage fails, checking stops there (one retry sequence, not one per
     shard): the next run adopts what was committed anyway.
     """
     found: list[ShardResult] = []
-    for shard in (s for group in groups for s in group):
+    for shard in shards:
         try:
             result = committed_result(shard, config, fingerprints[shard.name])
         except Exception:  # noqa: BLE001 - the stop or crash matters more than the count

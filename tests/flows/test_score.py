@@ -76,8 +76,9 @@ def test_the_flow_judges_a_root_on_s3_at_the_same_cost_per_file(
             proxy.clear_exchanges()
             again = score_flow(root=root, heads=[head], storage=storage)
             assert again[0]["files_scored"] == 0 and again[1]["files_new"] == 0
-            assert _table_reads(proxy.recorded()) == {}
-            assert len(proxy.recorded()) <= 20, [e.target for e in proxy.exchanges]
+            exchanges = proxy.recorded()
+            assert _table_reads(exchanges) == {}
+            assert len(exchanges) <= 20, [e.target for e in exchanges]
         # The scores are on S3 beside the table, one file per shard file.
         fs, path = get_fs(f"{root}/date=2026-11-01/_scores/aesthetic-laion-v2", storage)
         scores = pq.read_table(path, filesystem=fs)

@@ -229,9 +229,8 @@ def test_hub_names_fail_offline_without_touching_the_network(folders: dict[str, 
 
 def object_gets(proxy: FaultProxy, bucket: str, prefix: str) -> list[str]:
     """The keys of the object bodies fetched (GET, not a listing) under ``prefix``."""
-    proxy.settle()
     keys = []
-    for ex in proxy.exchanges:
+    for ex in proxy.recorded():
         parts = urlsplit(ex.target)
         path = unquote(parts.path).lstrip("/")
         if ex.method == "GET" and path.startswith(f"{bucket}/{prefix}") and not parts.query:

@@ -182,8 +182,8 @@ def test_a_stopped_run_counts_what_its_unfinished_tasks_committed(done, tmp_path
     cfg = config(src, dest)
     plan = plan_shards(cfg)
     shards = {s.name: s for s in plan.skipped}
-    groups = [[shards["00000"], shards["00001"]], [shards["00002"]]]
-    found = committed_in_flight(groups, plan.fingerprints, plan.config or cfg)
+    in_flight = [shards["00000"], shards["00001"], shards["00002"]]
+    found = committed_in_flight(in_flight, plan.fingerprints, plan.config or cfg)
     assert [(r.shard, r.status, r.rows) for r in found] == [
         ("00000", "committed", 3),
         ("00001", "committed", 3),
@@ -197,8 +197,9 @@ def test_a_stopped_run_counts_what_its_unfinished_tasks_committed(done, tmp_path
     cfg_other = (plan.config or cfg).model_copy(
         update={"sink": (plan.config or cfg).sink.model_copy(update={"url": str(other)})}
     )
-    assert committed_in_flight(groups, plan.fingerprints, cfg_other)[0].shard == "00001"
-    assert committed_in_flight(groups, stale, cfg_other) == []
+    found = committed_in_flight(in_flight, plan.fingerprints, cfg_other)
+    assert [r.shard for r in found] == ["00001"]
+    assert committed_in_flight(in_flight, stale, cfg_other) == []
 
 
 def _dead_pid() -> int:
